@@ -1,0 +1,198 @@
+"""Tensor-parallel layers over one mesh axis (usually ``tp``), after Megatron-LM.
+
+Legend: N tokens, I in-features, O out-features, V vocabulary, D embedding dim, n axis size.
+Each layer can be built from the full single-process layer (``from_full``) so that it
+computes exactly what that layer computes, and gathers its shards back (``full_*``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tedmoe.parallel import comm
+from tedmoe.parallel.topology import Axis
+
+
+def shard_size(total: int, axis: Axis, what: str) -> int:
+    """``total / axis.size``, or a ValueError saying how to make it divide."""
+    if total % axis.size:
+        raise ValueError(
+            f"{what}={total} is not divisible by {axis.name}={axis.size}; "
+            f"use a multiple of {axis.size} (e.g. {math.ceil(total / axis.size) * axis.size}) or change {axis.name}"
+        )
+    return total // axis.size
+
+
+def _take_shard(full: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
+    return comm.local_slice(full.detach(), axis, dim).clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W split by rows (output features) over ``axis``.
+
+    Input: ``x [..., I]``, identical on every rank. Output: ``[..., O/n]`` (this rank's
+    columns), or ``[..., O]`` on every rank with ``gather_output=True``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, axis: Axis, bias: bool = True,
+                 gather_output: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.axis = in_features, out_features, axis
+        self.gather_output = gather_output
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(shard_size(out_features, axis, "out_features"), in_features, **kw))
+        self.bias = nn.Parameter(torch.empty(self.weight.shape[0], **kw)) if bias else None
+        bound = 1 / math.sqrt(in_features)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                nn.init.uniform_(p, -bound, bound)
+
+    @classmethod
+    def from_full(cls, full: nn.Linear, axis: Axis, gather_output: bool = False) -> ColumnParallelLinear:
+        layer = cls(full.in_features, full.out_features, axis, full.bias is not None, gather_output,
+                    device=full.weight.device, dtype=full.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(_take_shard(full.weight, axis, 0))
+            if full.bias is not None:
+                layer.bias.copy_(_take_shard(full.bias, axis, 0))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(comm.copy_to_region(x, self.axis), self.weight, self.bias)
+        return comm.gather_slices(y, self.axis, -1) if self.gather_output else y
+
+    def full_weight(self, shard: torch.Tensor | None = None) -> torch.Tensor:
+        """The full ``[O, I]`` weight (or any tensor shaped like the shard, e.g. its grad)."""
+        return comm.all_gather(self.weight.detach() if shard is None else shard, self.axis, 0)
+
+    def full_bias(self, shard: torch.Tensor | None = None) -> torch.Tensor:
+        return comm.all_gather(self.bias.detach() if shard is None else shard, self.axis, 0)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = x W^T + b`` with W split by columns (input features) over ``axis``.
+
+    Input: ``x [..., I/n]`` (already split, ``input_is_parallel=True``) or ``[..., I]``.
+    Output: ``[..., O]``, all-reduced over the axis; with ``reduce_output=False`` the
+    un-reduced partial sum (no bias) for a caller that reduces it another way.
+    """
+
+    def __init__(self, in_features: int, out_features: int, axis: Axis, bias: bool = True,
+                 input_is_parallel: bool = True, reduce_output: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.axis = in_features, out_features, axis
+        self.input_is_parallel, self.reduce_output = input_is_parallel, reduce_output
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, shard_size(in_features, axis, "in_features"), **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        bound = 1 / math.sqrt(in_features)
+        for p in (self.weight, self.bias):
+            if p is not None:
+                nn.init.uniform_(p, -bound, bound)
+
+    @classmethod
+    def from_full(cls, full: nn.Linear, axis: Axis, input_is_parallel: bool = True,
+                  reduce_output: bool = True) -> RowParallelLinear:
+        layer = cls(full.in_features, full.out_features, axis, full.bias is not None, input_is_parallel,
+                    reduce_output, device=full.weight.device, dtype=full.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(_take_shard(full.weight, axis, 1))
+            if full.bias is not None:
+                layer.bias.copy_(full.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = comm.drop_to_slice(x, self.axis, -1)
+        y = F.linear(x, self.weight)
+        if not self.reduce_output:
+            return y
+        y = comm.reduce_from_region(y, self.axis)
+        return y if self.bias is None else y + self.bias
+
+    def full_weight(self, shard: torch.Tensor | None = None) -> torch.Tensor:
+        """The full ``[O, I]`` weight (or any tensor shaped like the shard, e.g. its grad)."""
+        return comm.all_gather(self.weight.detach() if shard is None else shard, self.axis, 1)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by rows (vocabulary) over ``axis``; output identical on every rank.
+
+    Each rank looks up the ids in its range ``[start, start + V/n)``, zeros the rest,
+    and one all-reduce sums the rows.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, axis: Axis, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.axis = num_embeddings, embedding_dim, axis
+        rows = shard_size(num_embeddings, axis, "num_embeddings (vocabulary size)")
+        self.vocab_start = axis.rank * rows
+        self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype))
+        nn.init.normal_(self.weight)
+
+    @classmethod
+    def from_full(cls, full: nn.Embedding, axis: Axis) -> VocabParallelEmbedding:
+        layer = cls(full.num_embeddings, full.embedding_dim, axis, device=full.weight.device, dtype=full.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(_take_shard(full.weight, axis, 0))
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.axis.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return comm.reduce_from_region(out, self.axis)
+
+    def full_weight(self, shard: torch.Tensor | None = None) -> torch.Tensor:
+        return comm.all_gather(self.weight.detach() if shard is None else shard, self.axis, 0)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward: per-token cross-entropy from vocab-sharded logits, with two all-reduces of
+    ``[N]`` vectors (max, then [target logit, sum of exp] together); the full ``[N, V]``
+    logits are never formed. Backward: ``softmax - onehot`` on the local shard, no communication."""
+
+    @staticmethod
+    def forward(ctx, logits_NV, target_N, axis, ignore_index):
+        logits = logits_NV.float()
+        rows = logits.shape[-1]
+        start = axis.rank * rows
+        logit_max = comm.all_reduce(logits.max(dim=-1).values, axis, op=torch.distributed.ReduceOp.MAX)
+        shifted = logits - logit_max.unsqueeze(-1)
+        local_t = target_N - start
+        outside = (local_t < 0) | (local_t >= rows)
+        local_t = local_t.masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp_()
+        both = comm.all_reduce(torch.stack([target_logit, exp.sum(dim=-1)]), axis)
+        valid = target_N != ignore_index
+        loss = (both[1].log() - both[0]).masked_fill(~valid, 0.0)
+        softmax = exp.div_(both[1].unsqueeze(-1))
+        ctx.save_for_backward(softmax, local_t, outside, valid)
+        ctx.in_dtype = logits_NV.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        softmax, local_t, outside, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -(~outside).to(grad.dtype).unsqueeze(-1))
+        grad.mul_((grad_N * valid).unsqueeze(-1))
+        return grad.to(ctx.in_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor, axis: Axis,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Per-token cross-entropy (``reduction='none'``, 0 where ``target == ignore_index``) from
+    logits whose last dim is this rank's vocabulary shard. Equals
+    ``F.cross_entropy(full_logits, target, reduction='none')`` in fp32."""
+    if logits_NV.dim() != 2 or target_N.shape != logits_NV.shape[:1]:
+        raise ValueError(f"expected logits [N, V/{axis.size}] and target [N], got {tuple(logits_NV.shape)} and {tuple(target_N.shape)}")
+    return _VocabParallelCrossEntropy.apply(logits_NV, target_N, axis, ignore_index)

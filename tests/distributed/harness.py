@@ -1,0 +1,101 @@
+"""Run test functions on N spawned gloo ranks, started once and reused for many checks.
+
+    world = World(4)              # spawns 4 processes, each joins a gloo group (fp32, 1 thread)
+    results = world.run(fn, a, b) # calls fn(a, b) on every rank; returns [result of rank 0, ...]
+    world.close()
+
+``fn`` must be a module-level function (it is pickled by name). An exception on any rank
+fails ``run`` with that rank's traceback; ranks that do not report within ``timeout``
+seconds fail it with their numbers. After a failure that leaves ranks stuck (e.g. in a
+collective their peer never joined) the world is torn down and respawned on the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, nprocs: int, init_file: str, tasks, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=nprocs,
+                            timeout=timedelta(seconds=120))
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, True, fn(*args)))
+        except BaseException:  # report everything, including assertion failures, to the parent
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class World:
+    """``nprocs`` ranks that run whatever ``run`` sends them, until ``close``."""
+
+    def __init__(self, nprocs: int, timeout: float = 300.0, grace: float = 5.0):
+        self.nprocs, self.timeout, self.grace = nprocs, timeout, grace
+        self.procs: list = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self._dir = tempfile.TemporaryDirectory()
+        init_file = os.path.join(self._dir.name, "init")
+        self.tasks = [ctx.Queue() for _ in range(self.nprocs)]
+        self.results = ctx.Queue()
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        self.procs = [ctx.Process(target=_worker, args=(r, self.nprocs, init_file, self.tasks[r], self.results),
+                                  daemon=True) for r in range(self.nprocs)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args, timeout: float | None = None) -> list:
+        """Call ``fn(*args)`` on every rank; return the per-rank results in rank order."""
+        if not self.procs:
+            self._start()
+        for q in self.tasks:
+            q.put((fn, args))
+        done: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while len(done) + len(errors) < self.nprocs and time.monotonic() < deadline:
+            try:
+                rank, ok, value = self.results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in done and r not in errors]
+                for r in dead:
+                    errors[r] = f"rank {r} exited with code {self.procs[r].exitcode}"
+                continue
+            (done if ok else errors)[rank] = value
+            if errors:  # the others may be stuck waiting for the failed rank; give them a moment
+                deadline = min(deadline, time.monotonic() + self.grace)
+        missing = [r for r in range(self.nprocs) if r not in done and r not in errors]
+        if missing or errors:
+            self.close(force=True)
+            lines = [f"{fn.__name__} failed on {self.nprocs} ranks"]
+            if missing:
+                lines.append(f"ranks {missing} did not finish within the timeout")
+            lines += [f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())]
+            raise RuntimeError("\n".join(lines))
+        return [done[r] for r in range(self.nprocs)]
+
+    def close(self, force: bool = False) -> None:
+        """Stop every rank (politely, or at once with ``force``) and forget them."""
+        for q in getattr(self, "tasks", []) if not force else []:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if force else 10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self.procs = []
+        if hasattr(self, "_dir"):
+            self._dir.cleanup()
