@@ -37,6 +37,10 @@ from tedmoe.parallel.topology import Axis
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
+# torch 2.13 renamed the flat-tensor collectives; older releases only have the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass
 class LedgerEntry:
@@ -143,10 +147,10 @@ def _collective(kind: str, axis: Axis, x: torch.Tensor, phase: str | None, **kw)
         dist.all_reduce(out, op=kw.get("op", dist.ReduceOp.SUM), group=group)
     elif kind == "all_gather":
         out = x.new_empty((n * x.shape[0],) + x.shape[1:])
-        dist.all_gather_into_tensor(out, x, group=group)
+        _all_gather_flat(out, x, group=group)
     elif kind == "reduce_scatter":
         out = x.new_empty((x.shape[0] // n,) + x.shape[1:])
-        dist.reduce_scatter_tensor(out, x, group=group)
+        _reduce_scatter_flat(out, x, group=group)
     elif kind == "all_to_all":
         in_splits, out_splits = kw["in_splits"], kw["out_splits"]
         row = x[0].numel() if x.dim() else 1

@@ -1,0 +1,40 @@
+"""Starting ranks: relaunch under ``torch.distributed.run`` or join an existing launch."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """True inside a rank started by torchrun (or anything that sets its environment)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m tedmoe.cli ARGV`` on ``nproc`` local ranks through torch.distributed.run."""
+    from torch.distributed import run
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args = run.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "tedmoe.cli", *argv])
+    try:
+        run.run(args)
+    except Exception as err:  # torchrun has printed the failing rank's error already
+        print(f"tedmoe: {type(err).__name__}: launch of {nproc} ranks failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
+    """Join the launched process group: NCCL with one device per local rank where CUDA exists, else gloo."""
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
