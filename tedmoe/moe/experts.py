@@ -1,0 +1,70 @@
+"""The local experts as one grouped MLP, tensor-parallel over ``tp``.
+
+Legend: L local experts (E / ep), T tokens per expert (padded), H hidden, F ffn, n = tp.
+Weights: ``w1 [L, H, F/n]`` (and ``w3`` for SwiGLU), column-parallel; ``w2 [L, F/n, H]``,
+row-parallel. ``forward`` returns the *un-reduced* partial sum over ``tp``: the dispatcher
+reduces it once for all local experts (an all-reduce, or a reduce-scatter under DTD) on
+the real token rows, so padding never travels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tedmoe.config import MoEConfig
+from tedmoe.parallel import comm
+from tedmoe.parallel.topology import Topology
+
+# parameter name -> tensor dim split over tp (dim 0 is always split over ep)
+TP_DIMS = {"w1": 2, "w3": 2, "w2": 1}
+
+
+class GroupedExperts(nn.Module):
+    """``L`` bias-free two-layer MLPs applied with batched matmuls (no loop over experts)."""
+
+    def __init__(self, config: MoEConfig, topology: Topology, device=None, dtype=None):
+        super().__init__()
+        config.validate(topology.size("tp"), topology.size("ep"))
+        self.config, self.tp, self.ep = config, topology.axis("tp"), topology.axis("ep")
+        L, H = config.num_experts // self.ep.size, config.hidden_size
+        Fn = config.ffn_hidden_size // self.tp.size
+        kw = {"device": device, "dtype": dtype}
+        self.w1 = nn.Parameter(torch.empty(L, H, Fn, **kw))
+        self.w3 = nn.Parameter(torch.empty(L, H, Fn, **kw)) if config.activation == "swiglu" else None
+        self.w2 = nn.Parameter(torch.empty(L, Fn, H, **kw))
+        for name, fan_in in (("w1", H), ("w3", H), ("w2", config.ffn_hidden_size)):
+            p = getattr(self, name)
+            if p is not None:
+                nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x_LTH: torch.Tensor) -> torch.Tensor:
+        h = torch.bmm(x_LTH, self.w1)
+        h = F.silu(h) * torch.bmm(x_LTH, self.w3) if self.w3 is not None else F.gelu(h)
+        return torch.bmm(h, self.w2)  # partial sum over tp
+
+    def load_full(self, full: dict[str, torch.Tensor]) -> None:
+        """Copy this rank's shard out of full ``[E, ...]`` weights."""
+        with torch.no_grad():
+            for name, dim in TP_DIMS.items():
+                p = getattr(self, name)
+                if p is not None:
+                    shard = comm.local_slice(full[name], self.ep, 0)
+                    p.copy_(comm.local_slice(shard, self.tp, dim))
+
+    def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
+        """Every expert weight (or its gradient) gathered to the full ``[E, ...]`` shape."""
+        out = {}
+        for name, dim in TP_DIMS.items():
+            p = getattr(self, name)
+            if p is not None:
+                t = p.grad if grads else p.detach()
+                out[name] = comm.all_gather(comm.all_gather(t, self.tp, dim), self.ep, 0)
+        return out

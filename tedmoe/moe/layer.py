@@ -1,0 +1,52 @@
+"""``MoE``: router + TED dispatcher + grouped tensor-parallel experts, for any layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tedmoe.config import MoEConfig
+from tedmoe.moe.dispatcher import TEDDispatcher
+from tedmoe.moe.experts import GroupedExperts
+from tedmoe.moe.router import Router, Routing
+from tedmoe.parallel.topology import Topology
+
+
+@dataclass
+class MoEStats:
+    """What one forward of the layer reports (for this rank's tokens)."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # kept pairs per global expert
+    drop_fraction: torch.Tensor  # dropped pairs / (S * K)
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts MLP. ``forward(x [..., H])`` returns ``(y [..., H], MoEStats)``;
+    dropped tokens give zero (the caller adds the residual)."""
+
+    def __init__(self, config: MoEConfig, topology: Topology, device=None, dtype=None):
+        super().__init__()
+        config.validate(topology.size("tp"), topology.size("ep"))
+        self.config = config
+        self.router = Router(config, device=device, dtype=dtype)
+        self.experts = GroupedExperts(config, topology, device=device, dtype=dtype)
+        self.dispatcher = TEDDispatcher(config.num_experts, config.top_k, topology, config.dtd)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        x_SH = x.reshape(-1, x.shape[-1])
+        routing: Routing = self.router(x_SH)
+        expert_in, plan = self.dispatcher.dispatch(x_SH, routing)
+        y_SH = self.dispatcher.combine(self.experts(expert_in), routing, plan)
+        stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,
+                         routing.num_dropped.float() / routing.expert_SK.numel())
+        return y_SH.view_as(x), stats
+
+    def load_full(self, router_weight: torch.Tensor, experts: dict[str, torch.Tensor]) -> None:
+        """Load single-process weights: router ``[E, H]``, experts ``{"w1": [E, H, F], ...}``."""
+        with torch.no_grad():
+            self.router.weight.copy_(router_weight)
+        self.experts.load_full(experts)

@@ -1,0 +1,110 @@
+"""Top-k router with capacity, drop policies, dropless mode, noise, aux and z losses.
+
+Legend: S tokens, H hidden, E experts, K top-k, C capacity.
+The router is replicated on the TP ranks of a group; its decisions are identical there
+because its input and its noise generator are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tedmoe.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """Where each (token, choice) pair goes. Pairs with ``slot_SK == -1`` were dropped."""
+
+    expert_SK: torch.Tensor
+    """Global expert id of each pair (int64)."""
+    gate_SK: torch.Tensor
+    """Combine weight of each pair (fp32, differentiable w.r.t. the router)."""
+    slot_SK: torch.Tensor
+    """Position of the pair inside its expert's buffer (int64), -1 if dropped."""
+    capacity: int | None
+    """Slots per expert, or ``None`` in dropless mode."""
+    tokens_per_expert_E: torch.Tensor
+    """Kept pairs per expert (int64)."""
+    num_dropped: torch.Tensor
+    """Dropped pairs (int64 scalar)."""
+    aux_loss: torch.Tensor
+    """Load-balancing loss ``E * sum_e f_e * P_e`` (1.0 for uniform routing)."""
+    z_loss: torch.Tensor
+    """Router z-loss ``mean_s logsumexp(logits_s)^2``."""
+
+
+def _priority_rank(key: torch.Tensor) -> torch.Tensor:
+    """Rank of each element when sorted ascending (ties by index)."""
+    order = torch.argsort(key, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=key.device)
+    return rank
+
+
+def assign_slots(expert_P: torch.Tensor, priority_P: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot of each pair inside its expert, in ascending ``priority`` order, by one sort.
+
+    Returns ``(slot_P, count_E)``. ``O(P log P)``; no ``[P, E]`` one-hot.
+    """
+    num = len(expert_P)
+    order = torch.argsort(expert_P * num + _priority_rank(priority_P), stable=True)
+    count_E = torch.bincount(expert_P, minlength=num_experts)
+    start_E = torch.cumsum(count_E, 0) - count_E
+    slot = torch.empty_like(expert_P)
+    slot[order] = torch.arange(num, device=expert_P.device) - start_E[expert_P[order]]
+    return slot, count_E
+
+
+class Router(nn.Module):
+    """Bias-free linear gate computed in fp32, then top-k and capacity."""
+
+    def __init__(self, config: MoEConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
+        self.generator = torch.Generator(device=self.weight.device)
+        self.generator.manual_seed(config.router_seed)
+
+    def _uniform(self, shape, device) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)
+
+    def forward(self, x_SH: torch.Tensor) -> Routing:
+        cfg, (S, _), E, K = self.config, x_SH.shape, self.config.num_experts, self.config.top_k
+        x = x_SH.float()
+        if self.training and cfg.router_jitter > 0:
+            x = x * (1 - cfg.router_jitter + 2 * cfg.router_jitter * self._uniform(x.shape, x.device))
+        logits_SE = F.linear(x, self.weight.float())
+        probs_SE = logits_SE.softmax(dim=-1)
+        scores = probs_SE
+        if self.training and cfg.gumbel_noise:
+            u = self._uniform(logits_SE.shape, x.device).clamp_(1e-9, 1 - 1e-9)
+            scores = logits_SE.detach() - torch.log(-torch.log(u))
+        expert_SK = torch.topk(scores.detach(), K, dim=-1).indices
+        gate_SK = probs_SE.gather(-1, expert_SK)
+        if K > 1 and cfg.normalize_gates:
+            gate_SK = gate_SK / gate_SK.sum(dim=-1, keepdim=True)
+
+        # Pairs are numbered choice-major (all first choices, then all second choices...).
+        expert_P = expert_SK.t().reshape(-1)
+        if cfg.dropless or cfg.drop_policy == "position":
+            priority = torch.arange(S * K, device=x.device)
+        elif cfg.drop_policy == "probs":
+            priority = -gate_SK.detach().t().reshape(-1)
+        else:
+            priority = self._uniform((S * K,), x.device)
+        slot_P, routed_E = assign_slots(expert_P, priority, E)
+        capacity = None if cfg.dropless else cfg.capacity(S, self.training)
+        if capacity is not None:
+            slot_P = slot_P.masked_fill(slot_P >= capacity, -1)
+        slot_SK = slot_P.view(K, S).t().contiguous()
+        kept_E = routed_E if capacity is None else routed_E.clamp(max=capacity)
+
+        aux = E * torch.sum(routed_E.float() / (S * K) * probs_SE.mean(dim=0))
+        z = torch.logsumexp(logits_SE, dim=-1).square().mean()
+        return Routing(expert_SK, gate_SK, slot_SK, capacity, kept_E, (slot_P < 0).sum(), aux, z)
