@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tedmoe.config import MoEConfig
+from tedmoe.moe.layer import MoE
 from tedmoe.parallel import comm
 from tedmoe.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                              vocab_parallel_cross_entropy)
@@ -75,6 +77,30 @@ def check_layout(world_size: int, tp: int) -> tuple[float, float, float, str]:
     return loss.item(), ref.item(), stats[1].item(), table
 
 
+def check_moe(world_size: int, tp: int, ep: int, dtd: bool) -> tuple[float, str, int]:
+    """TED MoE layer vs one process on this rank's shard:
+    (max relative error over all ranks, ledger table, all-to-all bytes sent by this rank)."""
+    topo = Topology(world_size, tp=tp, ep=ep)
+    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F_DIM, num_experts=8, top_k=2, dtd=dtd)
+    torch.manual_seed(0)
+    ref = MoE(cfg, Topology.single())  # one process: its collectives are identities, nothing is recorded
+    layer = MoE(cfg, topo)
+    layer.load_full(ref.router.weight.detach(), ref.experts.full_tensors())
+    x = torch.randn(topo.size("dp"), B * T, H)[topo.coord("dp")]
+    outs = []
+    with comm.LEDGER.capture():
+        for m in (layer, ref):
+            xg = x.clone().requires_grad_(True)
+            y, stats = m(xg)
+            (y.square().sum() + stats.aux_loss).backward()
+            outs.append((y.detach(), xg.grad))
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*outs))
+    stats = torch.tensor([err])
+    if world_size > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    return stats.item(), comm.LEDGER.table(), comm.LEDGER.total(kind="all_to_all").bytes
+
+
 def main() -> int:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -87,6 +113,19 @@ def main() -> int:
             print(f"rank 0 shard: loss {loss:.6f}, single-process {ref:.6f}; max relative gradient error {err:.2e}")
             print("communication of one forward + backward (rank 0):")
             print(table)
+    for tp in [d for d in (2, 1, 4) if world % d == 0]:
+        ep = max(d for d in (1, 2, 4, 8) if (world // tp) % d == 0 and 8 % d == 0)
+        a2a = {}
+        for dtd in (True, False):
+            err, table, a2a[dtd] = check_moe(world, tp, ep, dtd)
+            worst = max(worst, err)
+            if rank == 0 and dtd:
+                print(f"\n== TED MoE layer (8 experts, top-2), TP {tp} x EP {ep} x DP {world // tp}, DTD on ==")
+                print(f"rank 0 shard: output and input gradient vs single process, max relative error {err:.2e}")
+                print(table)
+        if rank == 0 and ep > 1 and tp > 1:
+            print(f"all-to-all bytes per rank: {a2a[True]:,} with DTD, {a2a[False]:,} without "
+                  f"({a2a[False] / max(a2a[True], 1):.1f}x less with DTD; TP = {tp})")
     if rank == 0:
         verdict = "match" if worst < 1e-5 else "DO NOT match"
         print(f"\nevery layout and the single-process model {verdict} (worst relative gradient error {worst:.2e})")

@@ -25,7 +25,7 @@ class DispatchPlan:
     rows: torch.Tensor  # their row in this rank's send buffer
     send_splits: list[int]
     recv_splits: list[int]
-    dest: torch.Tensor  # received (gathered) row -> flat index into the [L * T] expert input
+    dest: torch.Tensor | None  # dropless: received (gathered) row -> flat index into the [L * T] expert input
     num_tokens: int
 
 
@@ -87,6 +87,9 @@ class TEDDispatcher:
         if self.dtd:
             recv = comm.gather_along(recv, tp, 0)  # rows ordered (tp rank, source, expert, slot)
 
+        if routing.capacity is not None:  # equal segments: a transpose, a view when d * m == 1
+            expert_in = recv.view(self._blocks(), L, -1, H).transpose(0, 1).reshape(L, -1, H)
+            return expert_in, DispatchPlan(pairs, tokens, rows, send_splits, recv_splits, None, S)
         seg_len = recv_mL.reshape(-1).repeat(d)
         per_expert = seg_len.view(-1, L)
         start_in_expert = (torch.cumsum(per_expert, 0) - per_expert).reshape(-1)
@@ -98,10 +101,18 @@ class TEDDispatcher:
         expert_in = recv.new_zeros(L * T, H).index_copy(0, dest, recv).view(L, T, H)
         return expert_in, DispatchPlan(pairs, tokens, rows, send_splits, recv_splits, dest, S)
 
+    def _blocks(self) -> int:
+        """Blocks of equal segments in the received rows: (tp rank if DTD) x (ep source)."""
+        return (self.tp.size if self.dtd else 1) * self.ep.size
+
     def combine(self, y_LTH: torch.Tensor, routing: Routing, plan: DispatchPlan) -> torch.Tensor:
         """Reduce the experts' partial sums over tp, send them back, and weight by the gates."""
         tp, ep = self.tp, self.ep
-        y = y_LTH.reshape(-1, y_LTH.shape[-1]).index_select(0, plan.dest)
+        L, _, H = y_LTH.shape
+        if plan.dest is None:  # capacity mode: undo the transpose of dispatch
+            y = y_LTH.view(L, self._blocks(), -1, H).transpose(0, 1).reshape(-1, H)
+        else:
+            y = y_LTH.reshape(-1, H).index_select(0, plan.dest)
         y = comm.reduce_scatter_along(y, tp, 0) if self.dtd else comm.reduce_from_region(y, tp)
         back = comm.all_to_all_autograd(y, ep, plan.recv_splits, plan.send_splits)
         gates = routing.gate_SK.reshape(-1)

@@ -104,6 +104,17 @@ def check_ledger(world):
         if ep > 1:
             assert a2a[True] * tp == a2a[False], (tp, ep, a2a)
         out[(tp, ep)] = a2a
+        # dropless: the same collectives, plus one all-to-all of the int64 [ep, E / ep] segment lengths
+        cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, dropless=True)
+        layer = MoE(cfg, topo)
+        layer.load_full(*_full_weights(cfg))
+        with comm.LEDGER.capture():
+            _step(layer, x, r)
+        calls = {p: {k: v["calls"] for k, v in d.items()} for p, d in comm.LEDGER.as_dict().items()}
+        expect = {p: {k: v["calls"] for k, v in d.items()} for p, d in capacity_comm(2 * S, H, E, 2, 12, tp, ep, True).items()}
+        if ep > 1:
+            expect["fwd"]["all_to_all/ep"] += 1
+        assert calls == expect, (tp, ep, calls)
     return out
 
 
