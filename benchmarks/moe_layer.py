@@ -5,7 +5,10 @@ activation on a full ``[E, C, H]`` buffer: the limit), in one run.
 Reproduce:  .venv/bin/python benchmarks/moe_layer.py            (H=512, F=2048, E=8, k=2)
             .venv/bin/python benchmarks/moe_layer.py --tokens 512 1024 --repeats 2   (quick)
 
-Single process, fp32, capacity factor 1.0. Prints a table and writes benchmarks/results/moe_layer.json.
+Single process, fp32, capacity factor 1.0. Times are best-of-N wall clock (the layer and the
+experts alone interleaved); the "prof:" columns attribute self CPU time by operator within profiled
+runs of the layer itself, which is steadier than a difference of two noisy timings.
+Prints a table and writes benchmarks/results/moe_layer.json.
 """
 
 from __future__ import annotations
@@ -74,6 +77,24 @@ def gemms_only(layer, x_ECH):
     return run
 
 
+EXPERT_OPS = {"aten::bmm", "aten::gelu", "aten::gelu_backward", "aten::silu", "aten::silu_backward"}
+
+
+def profile_shares(fn) -> tuple[float, float]:
+    """Share of self CPU time in the expert GEMMs, and in the whole expert MLP (GEMMs +
+    activation), over two profiled runs of ``fn``: attribution inside the same run."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+        fn()
+    rows = prof.key_averages()
+    total = sum(r.self_cpu_time_total for r in rows)
+    gemm = sum(r.self_cpu_time_total for r in rows if r.key == "aten::bmm")
+    expert = sum(r.self_cpu_time_total for r in rows if r.key in EXPERT_OPS)
+    return gemm / total, expert / total
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
@@ -90,7 +111,8 @@ def main() -> None:
                     top_k=args.top_k, capacity_factor=1.0, dtd=False)
     layer = MoE(cfg, Topology.single())
     rows = []
-    head = f"{'S':>6} {'C':>5} {'ours ms':>9} {'einsum ms':>10} {'einsum/ours':>11} {'gemm ms':>8} {'outside gemm':>12}"
+    head = (f"{'S':>6} {'C':>5} {'ours ms':>9} {'einsum ms':>10} {'einsum/ours':>11} {'experts ms':>10} "
+            f"{'outside experts':>15} {'prof: outside GEMMs':>19} {'outside MLP':>11}")
     print(f"H={args.hidden} F={args.ffn} E={args.experts} k={args.top_k} fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(head)
     for S in args.tokens:
@@ -99,11 +121,14 @@ def main() -> None:
         t_ours, t_gemm = timed([ours(layer, x), gemms_only(layer, torch.randn(args.experts, C, args.hidden))],
                                args.repeats)
         (t_ein,) = timed([einsum_baseline(layer, x, C)], 2 if S <= 4096 else 1)  # the slow baseline: fewer runs
+        gemm_share, mlp_share = profile_shares(ours(layer, x))
         row = {"tokens": S, "capacity": C, "ours_s": t_ours, "einsum_s": t_ein, "gemm_s": t_gemm,
-               "einsum_over_ours": t_ein / t_ours, "outside_gemm_fraction": 1 - t_gemm / t_ours}
+               "einsum_over_ours": t_ein / t_ours, "outside_experts_timed": 1 - t_gemm / t_ours,
+               "outside_gemms_profiled": 1 - gemm_share, "outside_expert_mlp_profiled": 1 - mlp_share}
         rows.append(row)
         print(f"{S:>6} {C:>5} {1e3 * t_ours:>9.1f} {1e3 * t_ein:>10.1f} {t_ein / t_ours:>11.2f} "
-              f"{1e3 * t_gemm:>8.1f} {100 * row['outside_gemm_fraction']:>11.1f}%")
+              f"{1e3 * t_gemm:>10.1f} {100 * row['outside_experts_timed']:>14.1f}% "
+              f"{100 * row['outside_gemms_profiled']:>18.1f}% {100 * row['outside_expert_mlp_profiled']:>10.1f}%")
     slopes = {}
     for key in ("ours_s", "einsum_s", "gemm_s"):
         xs = [math.log(r["tokens"]) for r in rows]

@@ -78,3 +78,112 @@ class MoEConfig:
         if self.gumbel_noise and self.top_k != 1:
             raise ValueError("gumbel_noise applies to top-1 routing only; set top_k=1 or gumbel_noise=false")
 
+
+
+@dataclass
+class ModelConfig:
+    """A decoder-only GPT with an MoE MLP every ``moe_every`` layers."""
+
+    vocab_size: int = 256
+    """Vocabulary size V (256 for the byte tokenizer); split over ``tp``."""
+    hidden_size: int = 64
+    """Model width H."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads; split over ``tp``."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; ``None`` means ``num_heads``."""
+    ffn_hidden_size: int = 256
+    """Hidden width of the dense MLP blocks."""
+    max_seq_len: int = 256
+    """Longest sequence the rotary tables cover."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    moe_every: int = 2
+    """Every ``moe_every``-th block (1-based: blocks 2, 4, ... by default) uses an MoE MLP; 0 = none."""
+    aux_loss_coef: float = 0.01
+    """Weight of the mean load-balancing loss in the training loss."""
+    z_loss_coef: float = 0.001
+    """Weight of the mean router z-loss in the training loss."""
+    moe: MoEConfig | None = None
+    """The MoE layers' settings; ``None`` takes defaults sized to ``hidden_size``."""
+
+    def __post_init__(self) -> None:
+        if self.moe is None:
+            self.moe = MoEConfig(hidden_size=self.hidden_size, ffn_hidden_size=self.ffn_hidden_size)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+
+    def validate(self, tp: int = 1, ep: int = 1) -> None:
+        """Raise ``ValueError`` for a setting that cannot work with these degrees."""
+        if self.moe.hidden_size != self.hidden_size:
+            raise ValueError(f"moe.hidden_size={self.moe.hidden_size} differs from hidden_size={self.hidden_size}; "
+                             "leave moe.hidden_size unset or make them equal")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
+        for name, value in (("num_heads", self.num_heads), ("num_kv_heads", self.kv_heads),
+                            ("ffn_hidden_size", self.ffn_hidden_size), ("vocab_size", self.vocab_size)):
+            if value % tp:
+                raise ValueError(f"{name}={value} is not divisible by tp={tp}; "
+                                 f"use a multiple of {tp} or a tp that divides {value}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"head dim {self.hidden_size // self.num_heads} must be even for rotary embeddings")
+        if any(self.is_moe_layer(i) for i in range(self.num_layers)):
+            self.moe.validate(tp, ep)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and memory settings of the engine."""
+
+    lr: float = 3e-3
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at ``lr * min_lr_ratio``."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to ``lr``."""
+    max_steps: int = 200
+    """Optimizer steps; the cosine decay spans ``warmup_steps..max_steps``."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on parameters with 2 or more dims."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; ``None`` disables."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter and activation dtype; master weights and optimizer states are always fp32."""
+    initial_loss_scale: float = 2.0 ** 16
+    """fp16 only: the starting dynamic loss scale."""
+    loss_scale_window: int = 1000
+    """fp16 only: steps without overflow before the scale doubles."""
+    tile_size: int | None = 1 << 20
+    """Elements per tile of the optimizer step (``None``: the whole shard at once)."""
+    checkpointing: Literal["none", "plain", "cac"] = "none"
+    """Activation checkpointing per block: off, plain (collectives run again in the
+    recompute) or communication-aware (collective outputs stashed and replayed)."""
+
+    def validate(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={self.precision!r} is not one of 'fp32', 'bf16', 'fp16'")
+        if self.checkpointing not in ("none", "plain", "cac"):
+            raise ValueError(f"checkpointing={self.checkpointing!r} is not one of 'none', 'plain', 'cac'")
+        if self.tile_size is not None and self.tile_size < 1:
+            raise ValueError(f"tile_size={self.tile_size} must be >= 1, or None for an untiled step")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0, or None to disable clipping")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}")

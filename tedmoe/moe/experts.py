@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tedmoe.config import MoEConfig
-from tedmoe.parallel import comm
+from tedmoe.parallel.sharding import full_state_dict, load_full_state_dict, mark
 from tedmoe.parallel.topology import Topology
 
 # parameter name -> tensor dim split over tp (dim 0 is always split over ep)
@@ -29,7 +29,8 @@ class GroupedExperts(nn.Module):
     def __init__(self, config: MoEConfig, topology: Topology, device=None, dtype=None):
         super().__init__()
         config.validate(topology.size("tp"), topology.size("ep"))
-        self.config, self.tp, self.ep = config, topology.axis("tp"), topology.axis("ep")
+        self.config, self.topology = config, topology
+        self.tp, self.ep = topology.axis("tp"), topology.axis("ep")
         L, H = config.num_experts // self.ep.size, config.hidden_size
         Fn = config.ffn_hidden_size // self.tp.size
         kw = {"device": device, "dtype": dtype}
@@ -40,6 +41,7 @@ class GroupedExperts(nn.Module):
             p = getattr(self, name)
             if p is not None:
                 nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+                mark(p, tp_dim=TP_DIMS[name], ep_dim=0)
 
     @property
     def num_local_experts(self) -> int:
@@ -52,19 +54,8 @@ class GroupedExperts(nn.Module):
 
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
         """Copy this rank's shard out of full ``[E, ...]`` weights."""
-        with torch.no_grad():
-            for name, dim in TP_DIMS.items():
-                p = getattr(self, name)
-                if p is not None:
-                    shard = comm.local_slice(full[name], self.ep, 0)
-                    p.copy_(comm.local_slice(shard, self.tp, dim))
+        load_full_state_dict(self, full, self.topology)
 
     def full_tensors(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """Every expert weight (or its gradient) gathered to the full ``[E, ...]`` shape."""
-        out = {}
-        for name, dim in TP_DIMS.items():
-            p = getattr(self, name)
-            if p is not None:
-                t = p.grad if grads else p.detach()
-                out[name] = comm.all_gather(comm.all_gather(t, self.tp, dim), self.ep, 0)
-        return out
+        return full_state_dict(self, self.topology, grads)

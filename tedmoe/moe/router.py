@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tedmoe.config import MoEConfig
+from tedmoe.parallel import comm
+from tedmoe.parallel.sharding import mark
 
 
 @dataclass
@@ -68,11 +70,13 @@ class Router(nn.Module):
         self.config = config
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
-        self.generator = torch.Generator(device=self.weight.device)
+        mark(self.weight)  # replicated on every rank of a TP group
+        self.generator = torch.Generator(device="cpu" if self.weight.is_meta else self.weight.device)
         self.generator.manual_seed(config.router_seed)
 
     def _uniform(self, shape, device) -> torch.Tensor:
-        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)
+        draw = lambda: torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)  # noqa: E731
+        return comm.replayable(draw)  # a checkpoint recompute reuses the forward's draws
 
     def forward(self, x_SH: torch.Tensor) -> Routing:
         cfg, (S, _), E, K = self.config, x_SH.shape, self.config.num_experts, self.config.top_k

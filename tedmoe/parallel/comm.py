@@ -137,7 +137,55 @@ class CommLedger:
 LEDGER = CommLedger()
 
 
+class CommStash:
+    """Communication-aware activation checkpointing: the outputs of the collectives (and random
+    draws) of a checkpointed forward are recorded, and its recompute replays them in order, so
+    the recompute is local math only. The stash's tensors are the memory this costs."""
+
+    _active: list[CommStash] = []
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.mode: str | None = None
+
+    @contextlib.contextmanager
+    def _use(self, mode: str) -> Iterator[None]:
+        self.mode = mode
+        CommStash._active.append(self)
+        try:
+            yield
+        finally:
+            CommStash._active.pop()
+            self.mode = None
+
+    def recording(self):
+        return self._use("record")
+
+    def replaying(self):
+        self.items.reverse()  # pop() from the end returns them in recorded order
+        return self._use("replay")
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.items if isinstance(t, torch.Tensor))
+
+
+def replayable(fn):
+    """``fn()``, except inside a CAC recompute, where the value recorded in the forward returns."""
+    stash = CommStash._active[-1] if CommStash._active else None
+    if stash is not None and stash.mode == "replay":
+        return stash.items.pop()
+    out = fn()
+    if stash is not None:
+        stash.items.append(out)
+    return out
+
+
 def _collective(kind: str, axis: Axis, x: torch.Tensor, phase: str | None, **kw) -> torch.Tensor:
+    """Run one collective on ``axis`` and record it (or replay it in a CAC recompute)."""
+    return replayable(lambda: _run_collective(kind, axis, x, phase, **kw))
+
+
+def _run_collective(kind: str, axis: Axis, x: torch.Tensor, phase: str | None, **kw) -> torch.Tensor:
     """Run one collective on ``axis`` and record it. ``x`` must be contiguous."""
     n, group = axis.size, axis.group
     numel, itemsize = x.numel(), x.element_size()

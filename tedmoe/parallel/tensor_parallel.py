@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tedmoe.parallel import comm
+from tedmoe.parallel.sharding import mark
 from tedmoe.parallel.topology import Axis
 
 
@@ -39,10 +40,10 @@ class ColumnParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, axis: Axis, bias: bool = True,
-                 gather_output: bool = False, device=None, dtype=None):
+                 gather_output: bool = False, copy_input: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.axis = in_features, out_features, axis
-        self.gather_output = gather_output
+        self.gather_output, self.copy_input = gather_output, copy_input
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(shard_size(out_features, axis, "out_features"), in_features, **kw))
         self.bias = nn.Parameter(torch.empty(self.weight.shape[0], **kw)) if bias else None
@@ -50,6 +51,8 @@ class ColumnParallelLinear(nn.Module):
         for p in (self.weight, self.bias):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
+        mark(self.weight, tp_dim=0)
+        mark(self.bias, tp_dim=0)
 
     @classmethod
     def from_full(cls, full: nn.Linear, axis: Axis, gather_output: bool = False) -> ColumnParallelLinear:
@@ -62,7 +65,9 @@ class ColumnParallelLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(comm.copy_to_region(x, self.axis), self.weight, self.bias)
+        if self.copy_input:  # off when the caller entered the region once for several layers
+            x = comm.copy_to_region(x, self.axis)
+        y = F.linear(x, self.weight, self.bias)
         return comm.gather_slices(y, self.axis, -1) if self.gather_output else y
 
     def full_weight(self, shard: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,6 +98,8 @@ class RowParallelLinear(nn.Module):
         for p in (self.weight, self.bias):
             if p is not None:
                 nn.init.uniform_(p, -bound, bound)
+        mark(self.weight, tp_dim=1)
+        mark(self.bias)
 
     @classmethod
     def from_full(cls, full: nn.Linear, axis: Axis, input_is_parallel: bool = True,
@@ -133,6 +140,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = axis.rank * rows
         self.weight = nn.Parameter(torch.empty(rows, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight)
+        mark(self.weight, tp_dim=0)
 
     @classmethod
     def from_full(cls, full: nn.Embedding, axis: Axis) -> VocabParallelEmbedding:

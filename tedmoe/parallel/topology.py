@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 # Base grid axes, outermost first. "dp" is not a base axis: it is ("edp", "ep") flattened.
 GRID_AXES = ("edp", "ep", "tp")
-FLAT_AXES = {"dp": ("edp", "ep")}
-ALL_AXES = ("dp", "tp", "ep", "edp")
+FLAT_AXES = {"dp": ("edp", "ep"), "world": GRID_AXES}
+ALL_AXES = ("dp", "tp", "ep", "edp", "world")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class ParallelDims:
 
     def size(self, axis: str) -> int:
         _check_axis(axis)
-        return getattr(self, axis)
+        return self.world_size if axis == "world" else getattr(self, axis)
 
     def grid_shape(self) -> tuple[int, ...]:
         return tuple(self.size(a) for a in GRID_AXES)
@@ -74,7 +74,7 @@ class ParallelDims:
             raise ValueError(f"rank={rank} is outside world_size={self.world_size}")
         dp_idx, tp_idx = divmod(rank, self.tp)
         edp_idx, ep_idx = divmod(dp_idx, self.ep)
-        return {"dp": dp_idx, "tp": tp_idx, "ep": ep_idx, "edp": edp_idx}
+        return {"dp": dp_idx, "tp": tp_idx, "ep": ep_idx, "edp": edp_idx, "world": rank}
 
 
 def _divisors(n: int) -> list[int]:
@@ -160,7 +160,9 @@ class Topology:
         size = self.dims.size(name)
         ranks = next(g for g in axis_groups(self.dims, name) if self.rank in g)
         group = None
-        if size > 1:
+        if size > 1 and name == "world":
+            group = dist.group.WORLD
+        elif size > 1:
             mesh = self.mesh if name in ("dp", "tp") else self.expert_mesh
             group = mesh.get_group(name)
             assert dist.get_process_group_ranks(group) == sorted(ranks), (name, ranks)

@@ -18,7 +18,7 @@ def test_paper_layout_g16_tp2_ep4():
                                          (16, 4, 4), (24, 2, 3), (32, 8, 2)])
 def test_groups_partition_the_world_and_agree_with_coords(world, tp, ep):
     dims = ParallelDims(world, tp, ep)
-    for axis in ("dp", "tp", "ep", "edp"):
+    for axis in ("dp", "tp", "ep", "edp", "world"):
         gs = groups(world, tp, ep, axis)
         assert sorted(r for g in gs for r in g) == list(range(world)), axis
         assert all(len(g) == dims.size(axis) for g in gs)
@@ -36,7 +36,7 @@ def test_groups_partition_the_world_and_agree_with_coords(world, tp, ep):
 
 def test_single_process_topology_has_identity_axes():
     topo = Topology.single()
-    for axis in ("dp", "tp", "ep", "edp"):
+    for axis in ("dp", "tp", "ep", "edp", "world"):
         a = topo.axis(axis)
         assert (a.size, a.rank, a.ranks, a.group) == (1, 0, (0,), None)
 
@@ -63,5 +63,5 @@ def test_topology_validates_before_creating_groups():
 
 
 def test_unknown_axis():
-    with pytest.raises(ValueError, match="unknown mesh axis 'pp'; valid axes are dp, tp, ep, edp"):
+    with pytest.raises(ValueError, match="unknown mesh axis 'pp'; valid axes are dp, tp, ep, edp, world"):
         Topology.single().axis("pp")

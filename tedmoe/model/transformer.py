@@ -1,0 +1,150 @@
+"""GPT-MoE: a decoder-only transformer whose MLP is an MoE layer every ``moe_every`` blocks.
+
+Legend: B batch, T sequence, H hidden, V vocabulary (V/n local), n = tp.
+Model code never builds process groups: it receives a ``Topology``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tedmoe.config import ModelConfig
+from tedmoe.model.attention import Attention
+from tedmoe.moe.layer import MoE
+from tedmoe.parallel import comm
+from tedmoe.parallel.sharding import init_layout_invariant, is_expert, mark
+from tedmoe.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                             vocab_parallel_cross_entropy)
+from tedmoe.parallel.topology import Topology
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        mark(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Dense tensor-parallel MLP: column-parallel up, GELU, row-parallel down."""
+
+    def __init__(self, config: ModelConfig, topology: Topology, device=None, dtype=None):
+        super().__init__()
+        tp, H, F_ = topology.axis("tp"), config.hidden_size, config.ffn_hidden_size
+        self.fc1 = ColumnParallelLinear(H, F_, tp, device=device, dtype=dtype)
+        self.fc2 = RowParallelLinear(F_, H, tp, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(x))`` (dense or MoE).
+    Returns ``(x, aux_loss, z_loss)``; dense blocks return zero losses."""
+
+    def __init__(self, config: ModelConfig, topology: Topology, index: int, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
+        self.attn = Attention(config, topology, **kw)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
+        self.is_moe = config.is_moe_layer(index)
+        self.mlp = MoE(config.moe, topology, **kw) if self.is_moe else MLP(config, topology, **kw)
+        self.stats = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x))
+        if not self.is_moe:
+            zero = x.new_zeros((), dtype=torch.float32)
+            return x + self.mlp(self.mlp_norm(x)), zero, zero
+        y, self.stats = self.mlp(self.mlp_norm(x))
+        return x + y, self.stats.aux_loss, self.stats.z_loss
+
+
+class GPTMoE(nn.Module):
+    """``forward(ids [B, T], targets [B, T])`` returns ``(loss, parts)``: the training loss
+    (mean cross-entropy over non-ignored targets + weighted mean aux and z losses) and its
+    parts, detached, for logging."""
+
+    def __init__(self, config: ModelConfig, topology: Topology, device=None, dtype=None,
+                 checkpointing: str = "none"):
+        super().__init__()
+        config.validate(topology.size("tp"), topology.size("ep"))
+        self.config, self.topology, self.checkpointing = config, topology, checkpointing
+        tp, kw = topology.axis("tp"), {"device": device, "dtype": dtype}
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, **kw)
+        self.blocks = nn.ModuleList(Block(config, topology, i, **kw) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
+        self.head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp, bias=False, **kw)
+        self.stashes: list[comm.CommStash] = []
+
+    def init_weights(self, seed: int) -> None:
+        """The same weights in every layout: N(0, 0.02), output projections scaled by
+        ``1/sqrt(2 L)``, norms 1, biases 0."""
+        scale = 0.02 / math.sqrt(2 * self.config.num_layers)
+
+        def init_full(name, shape, g):
+            if name.endswith("norm.weight"):
+                return torch.ones(shape)
+            if name.endswith("bias"):
+                return torch.zeros(shape)
+            std = scale if name.endswith(("o.weight", "fc2.weight", "experts.w2")) else 0.02
+            return torch.randn(shape, generator=g) * std
+
+        init_layout_invariant(self, self.topology, seed, init_full)
+
+    def _block(self, block: Block, x: torch.Tensor):
+        if self.checkpointing == "none" or not torch.is_grad_enabled():
+            return block(x)
+        if self.checkpointing == "plain":
+            contexts = lambda: (contextlib.nullcontext(), comm.LEDGER.phase("recompute"))  # noqa: E731
+        else:
+            stash = comm.CommStash()
+            self.stashes.append(stash)
+            contexts = lambda: (stash.recording(), stash.replaying())  # noqa: E731
+        return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+
+    def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100):
+        self.stashes = []
+        x = self.embed(ids_BT)
+        aux, z = [], []
+        for block in self.blocks:
+            x, a, zl = self._block(block, x)
+            if block.is_moe:
+                aux.append(a)
+                z.append(zl)
+        logits = self.head(self.norm(x))
+        per_token = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), self.topology.axis("tp"),
+                                                 ignore_index)
+        ce = per_token.sum() / (targets_BT != ignore_index).sum().clamp(min=1)
+        loss = ce
+        parts = {"ce": ce.detach()}
+        if aux:
+            aux_mean, z_mean = torch.stack(aux).mean(), torch.stack(z).mean()
+            loss = loss + self.config.aux_loss_coef * aux_mean + self.config.z_loss_coef * z_mean
+            parts.update(aux=aux_mean.detach(), z=z_mean.detach())
+        return loss, parts
+
+    def moe_stats(self) -> list:
+        """The last forward's ``MoEStats`` of every MoE block, in order."""
+        return [b.stats for b in self.blocks if b.is_moe]
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Parameters of the full model: total, expert, non-expert, and active per token
+    (non-expert + ``top_k / num_experts`` of the expert parameters)."""
+    model = GPTMoE(config, Topology.single(), device="meta")
+    expert = sum(p.numel() for p in model.parameters() if is_expert(p))
+    total = sum(p.numel() for p in model.parameters())
+    active = total - expert + expert * config.moe.top_k // config.moe.num_experts
+    return {"total": total, "expert": expert, "non_expert": total - expert, "active_per_token": active}

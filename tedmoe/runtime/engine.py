@@ -1,0 +1,59 @@
+"""The training engine: micro-batches, gradient accumulation, mixed precision, the optimizer step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tedmoe.config import TrainConfig
+from tedmoe.parallel import comm
+from tedmoe.parallel.topology import Topology
+from tedmoe.runtime.optim import ZeroAdamW
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Engine:
+    """Trains a model whose ``forward(ids, targets)`` returns ``(loss, parts)``.
+
+    ``train_step`` takes this rank's micro-batches (its DP shard of the global batch, split
+    for accumulation); the result equals one single-process step on the whole global batch.
+    """
+
+    def __init__(self, model: nn.Module, topology: Topology, config: TrainConfig):
+        config.validate()
+        self.model, self.topology, self.config = model, topology, config
+        model.to(DTYPES[config.precision])
+        self.optimizer = ZeroAdamW(model, topology, config)
+
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """Forward and backward every micro-batch, then one optimizer step. Returns metrics:
+        the global-batch mean loss and its parts, grad norm, lr, loss scale, skipped, and per
+        MoE layer the tokens per expert and drop fraction summed / averaged over this rank's
+        micro-batches."""
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        load, drops = None, None
+        for ids, targets in micro_batches:
+            loss, parts = self.model(ids, targets)
+            (loss * self.optimizer.loss_scale).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0) + v.float()
+            stats = self.model.moe_stats() if hasattr(self.model, "moe_stats") else []
+            if stats:
+                step_load = torch.stack([s.tokens_per_expert for s in stats])
+                step_drop = torch.stack([s.drop_fraction for s in stats])
+                load = step_load if load is None else load + step_load
+                drops = step_drop if drops is None else drops + step_drop
+        names = sorted(sums)
+        with comm.LEDGER.phase("metrics"):
+            means = comm.all_reduce(torch.stack([sums[k] for k in names]), self.topology.axis("dp"))
+        means = means / (len(micro_batches) * self.topology.size("dp"))
+        out = {k: means[i].item() for i, k in enumerate(names)}
+        out.update(self.optimizer.step(len(micro_batches)))
+        if load is not None:
+            out["tokens_per_expert"] = load.tolist()
+            out["drop_fraction"] = (drops / len(micro_batches)).tolist()
+        return out

@@ -1,0 +1,162 @@
+"""ZeRO-1 AdamW with the tiled step, exact global-norm clipping and fp16 loss scaling.
+
+Parameters form two groups: non-expert (gradients reduced and states sharded over ``dp``)
+and expert (over ``edp``). Each group is one flat, padded buffer; this rank owns the slice
+``[rank * shard, (rank + 1) * shard)`` of it along the group's axis and keeps its fp32 master
+weights and Adam moments. A step:
+
+1. reduce-scatter the flat gradient over the axis (each rank receives its shard, summed);
+2. sum of squares of the shard, counting each element of the model once (elements of
+   parameters replicated over ``tp`` count on tp rank 0 only; every element of a shard lives
+   on exactly one rank of its axis), then **one** all-reduce over the world: the global norm,
+   which is also the fp16 overflow test (inf/nan);
+3. walk the shard in tiles of ``tile_size`` elements: upcast, unscale and clip (one factor),
+   AdamW on the fp32 master tile, write the tile back in the model dtype, free;
+4. all-gather the updated shard over the axis into the parameters.
+
+The tiled and untiled steps do the same elementwise operations, so they agree bit for bit;
+the norm is summed in fixed chunks (``NORM_CHUNK``) independent of the tile size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tedmoe.config import TrainConfig
+from tedmoe.parallel import comm
+from tedmoe.parallel.sharding import is_expert, tp_dim
+from tedmoe.parallel.topology import Axis, Topology
+
+NORM_CHUNK = 1 << 16
+
+
+class FlatShard:
+    """One parameter group's ZeRO-1 state on this rank."""
+
+    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis):
+        self.params, self.axis = params, axis
+        numel = sum(p.numel() for p in params)
+        self.shard = math.ceil(numel / axis.size) if params else 0
+        self.padded = self.shard * axis.size
+        self.lo = axis.rank * self.shard
+        self.dtype = params[0].dtype if params else torch.float32
+        device = params[0].device if params else None
+        flat = self._flat([p.detach() for p in params], torch.float32)
+        self.master = flat[self.lo:self.lo + self.shard].clone()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        # per-element flags of this shard: weight decay (matrices), and "counts in the norm"
+        decay = self._flat([torch.full((p.numel(),), float(p.dim() >= 2), device=device) for p in params])
+        counted = self._flat([torch.full((p.numel(),), float(tp_dim(p) is not None or tp.rank == 0), device=device)
+                              for p in params])
+        self.decay = decay[self.lo:self.lo + self.shard].bool()
+        self.counted = counted[self.lo:self.lo + self.shard].bool()
+
+    def _flat(self, tensors: list[torch.Tensor], dtype=None) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1).to(dtype) if dtype else t.reshape(-1) for t in tensors]) if tensors \
+            else torch.zeros(0)
+        return torch.nn.functional.pad(flat, (0, self.padded - flat.numel()))
+
+    def reduce_grads(self) -> torch.Tensor:
+        """Step 1: this rank's shard of the gradient, summed over the axis; frees ``p.grad``."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for p in self.params:
+            p.grad = None
+        if not self.params:
+            return self.master
+        return comm.reduce_scatter(self._flat(grads), self.axis)
+
+    def sq_norm(self, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        """Step 2 (local part): sum of squares of the counted elements of ``scale * grad``."""
+        total = torch.zeros((), dtype=torch.float32, device=self.master.device)
+        for a in range(0, self.shard, NORM_CHUNK):
+            g = grad[a:a + NORM_CHUNK].float() * scale  # a new tensor: never square the gradient in place
+            total += g.square_().masked_fill_(~self.counted[a:a + NORM_CHUNK], 0.0).sum()
+        return total
+
+    def step(self, grad: torch.Tensor, factor: float, cfg: TrainConfig, lr: float, step: int,
+             tile_size: int | None) -> None:
+        """Steps 3 and 4."""
+        b1, b2 = cfg.betas
+        bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
+        tile = tile_size or max(self.shard, 1)
+        out = torch.empty(self.shard, dtype=self.dtype, device=self.master.device)
+        for a in range(0, self.shard, tile):
+            s = slice(a, a + tile)
+            p, m, v = self.master[s], self.exp_avg[s], self.exp_avg_sq[s]
+            g = grad[s].float() * factor
+            if cfg.weight_decay:
+                p.copy_(torch.where(self.decay[s], p * (1 - lr * cfg.weight_decay), p))
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(cfg.eps)
+            p.addcdiv_(m, denom, value=-lr / bc1)
+            out[s] = p
+            del g, denom
+        self._write_back(out)
+
+    def _write_back(self, shard: torch.Tensor) -> None:
+        if not self.params:
+            return
+        full = comm.all_gather(shard, self.axis)
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(full[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
+class ZeroAdamW:
+    """AdamW over a tensor/expert/data-parallel model, ZeRO-1 sharded (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, topology: Topology, config: TrainConfig):
+        config.validate()
+        self.config, self.topology = config, topology
+        params = [p for p in model.parameters() if p.requires_grad]
+        tp = topology.axis("tp")
+        self.groups = [FlatShard([p for p in params if not is_expert(p)], topology.axis("dp"), tp),
+                       FlatShard([p for p in params if is_expert(p)], topology.axis("edp"), tp)]
+        self.loss_scale = config.initial_loss_scale if config.precision == "fp16" else 1.0
+        self.good_steps = 0
+        self.step_count = 0
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
+        c = self.config
+        if step <= c.warmup_steps and c.warmup_steps > 0:
+            return c.lr * step / c.warmup_steps
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def step(self, num_micro_batches: int) -> dict[str, float]:
+        """Reduce, clip and apply the accumulated gradients of ``num_micro_batches`` micro-batches
+        per rank. Returns the step's grad norm, lr, loss scale and whether it was skipped."""
+        c = self.config
+        with comm.LEDGER.phase("step"):
+            grads = [g.reduce_grads() for g in self.groups]
+            # mean over the global batch (dp ranks x micro-batches) and undo the loss scale
+            scale = 1.0 / (self.topology.size("dp") * num_micro_batches * self.loss_scale)
+            sq = sum(g.sq_norm(gr, scale) for g, gr in zip(self.groups, grads))
+            norm = math.sqrt(comm.all_reduce(sq, self.topology.axis("world")).item())
+            if not math.isfinite(norm):
+                if c.precision != "fp16":
+                    raise FloatingPointError(f"gradient norm is {norm} at step {self.step_count + 1} ({c.precision})")
+                self.loss_scale /= 2
+                self.good_steps = 0
+                return {"grad_norm": norm, "lr": self.lr_at(self.step_count + 1), "loss_scale": self.loss_scale,
+                        "skipped": True}
+            clip = 1.0
+            if c.grad_clip is not None:
+                clip = min(1.0, c.grad_clip / (norm + 1e-6))
+            self.step_count += 1
+            lr = self.lr_at(self.step_count)
+            for g, gr in zip(self.groups, grads):
+                g.step(gr, scale * clip, c, lr, self.step_count, c.tile_size)
+        if c.precision == "fp16":
+            self.good_steps += 1
+            if self.good_steps % c.loss_scale_window == 0:
+                self.loss_scale *= 2
+        return {"grad_norm": norm, "lr": lr, "loss_scale": self.loss_scale, "skipped": False}
