@@ -1,0 +1,95 @@
+"""The whole GPT-MoE under the engine, in many layouts, against the single-process engine.
+
+The single-process reference runs the same global batch as micro-batches (one per DP shard
+and accumulation step, each with its own capacity), which is what DESIGN.md section 5 defines.
+Ranks return gathered results; the parent compares them with the reference it computed itself.
+"""
+
+import pytest
+import torch
+
+from tedmoe.config import ModelConfig, MoEConfig, TrainConfig
+from tedmoe.model.transformer import GPTMoE
+from tedmoe.parallel import comm
+from tedmoe.parallel.topology import Topology
+from tedmoe.runtime.engine import Engine
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+LAYOUTS = {4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 2), (4, 2), (1, 4), (2, 4)]}  # (tp, ep); dp = world / tp
+GLOBAL_SEQS, SEQ, MICRO_BATCHES, STEPS = 16, 16, 8, 10  # 8 micro-batches of 2 sequences per step
+
+
+def model_config():
+    moe = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
+    return ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
+                       max_seq_len=SEQ, moe=moe)
+
+
+def train_config(**kw):
+    return TrainConfig(**{"lr": 1e-2, "warmup_steps": 2, "max_steps": STEPS, "grad_clip": 0.3, "tile_size": 100, **kw})
+
+
+def micro_batches(step, dp=1, dp_rank=0):
+    """The global batch of ``step`` as MICRO_BATCHES micro-batches; DP rank d takes its
+    consecutive 1/dp of them (so every layout sees micro-batches of the same size)."""
+    g = torch.Generator().manual_seed(100 + step)
+    start = torch.randint(0, 64, (GLOBAL_SEQS, 1), generator=g)
+    inc = torch.randint(1, 4, (GLOBAL_SEQS, 1), generator=g)
+    data = (start + inc * torch.arange(SEQ + 1)) % 64  # learnable: a stride per sequence
+    mbs = list(zip(data[:, :-1].chunk(MICRO_BATCHES), data[:, 1:].chunk(MICRO_BATCHES)))
+    per = MICRO_BATCHES // dp
+    return mbs[dp_rank * per:(dp_rank + 1) * per]
+
+
+def build(topology, train_cfg, checkpointing="none"):
+    model = GPTMoE(model_config(), topology, checkpointing=checkpointing)
+    model.init_weights(seed=0)
+    return Engine(model, topology, train_cfg)
+
+
+def run(topology, train_cfg, checkpointing="none", steps=STEPS):
+    """(first-step loss, its full synchronised gradients, the (loss, grad norm) of ``steps`` steps)."""
+    dp, dp_rank = topology.size("dp"), topology.coord("dp")
+    engine = build(topology, train_cfg, checkpointing)
+    mbs = micro_batches(0, dp, dp_rank)
+    loss_sum = torch.zeros(1)
+    for ids, targets in mbs:
+        loss, _ = engine.model(ids, targets)
+        loss.backward()
+        loss_sum += loss.detach()
+    first = comm.all_reduce(loss_sum, topology.axis("dp")).item() / MICRO_BATCHES
+    grads = engine.full_gradients(len(mbs))
+    curve = [(first, engine.optimizer.step(len(mbs))["grad_norm"])]
+    for s in range(1, steps):
+        out = engine.train_step(micro_batches(s, dp, dp_rank))
+        curve.append((out["loss"], out["grad_norm"]))
+    return first, grads, curve
+
+
+def check_layouts(world):
+    out = {}
+    for tp, ep in LAYOUTS[world]:
+        result = run(Topology(world, tp=tp, ep=ep), train_config())
+        out[(tp, ep)] = result if torch.distributed.get_rank() == 0 else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run(Topology.single(), train_config())
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_whole_model_matches_single_process(world, request, reference):
+    results = request.getfixturevalue(f"world{world}").run(check_layouts, world)[0]
+    ref_loss, ref_grads, ref_losses = reference
+    assert ref_losses[-1][0] < ref_losses[0][0] - 0.5  # it trains
+    assert all(norm > 0.3 for _, norm in ref_losses)  # and clipping (grad_clip=0.3) acts on every step
+    for (tp, ep), (loss, grads, losses) in results.items():
+        where = f"tp={tp} ep={ep} dp={world // tp}"
+        assert loss == pytest.approx(ref_loss, rel=1e-5), where
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], **TOL, msg=lambda m: f"{where} {name}: {m}")
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL,
+                                   msg=lambda m: f"{where} (loss, grad norm) curve: {m}")
