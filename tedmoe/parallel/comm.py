@@ -150,6 +150,8 @@ class CommStash:
 
     @contextlib.contextmanager
     def _use(self, mode: str) -> Iterator[None]:
+        if mode == "replay":
+            self.items.reverse()  # pop() from the end returns them in recorded order
         self.mode = mode
         CommStash._active.append(self)
         try:
@@ -162,7 +164,6 @@ class CommStash:
         return self._use("record")
 
     def replaying(self):
-        self.items.reverse()  # pop() from the end returns them in recorded order
         return self._use("replay")
 
     def nbytes(self) -> int:

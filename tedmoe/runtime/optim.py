@@ -5,7 +5,8 @@ and expert (over ``edp``). Each group is one flat, padded buffer; this rank owns
 ``[rank * shard, (rank + 1) * shard)`` of it along the group's axis and keeps its fp32 master
 weights and Adam moments. A step:
 
-1. reduce-scatter the flat gradient over the axis (each rank receives its shard, summed);
+1. reduce-scatter the flat gradient buffer (``p.grad`` are views of it) over the axis: each
+   rank receives its shard, summed;
 2. sum of squares of the shard, counting each element of the model once (elements of
    parameters replicated over ``tp`` count on tp rank 0 only; every element of a shard lives
    on exactly one rank of its axis), then **one** all-reduce over the world: the global norm,
@@ -54,6 +55,18 @@ class FlatShard:
                               for p in params])
         self.decay = decay[self.lo:self.lo + self.shard].bool()
         self.counted = counted[self.lo:self.lo + self.shard].bool()
+        # gradients accumulate in place in one flat buffer (``p.grad`` are views of it), so
+        # the reduce-scatter reads it directly, with no concatenated copy
+        self.grad_buffer = torch.zeros(self.padded, dtype=self.dtype, device=device)
+        self.attach_grads()
+
+    def attach_grads(self) -> None:
+        """Point every ``p.grad`` at its slice of the (zeroed) flat gradient buffer."""
+        self.grad_buffer.zero_()
+        offset = 0
+        for p in self.params:
+            p.grad = self.grad_buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     def _flat(self, tensors: list[torch.Tensor], dtype=None) -> torch.Tensor:
         flat = torch.cat([t.reshape(-1).to(dtype) if dtype else t.reshape(-1) for t in tensors]) if tensors \
@@ -61,13 +74,16 @@ class FlatShard:
         return torch.nn.functional.pad(flat, (0, self.padded - flat.numel()))
 
     def reduce_grads(self) -> torch.Tensor:
-        """Step 1: this rank's shard of the gradient, summed over the axis; frees ``p.grad``."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for p in self.params:
-            p.grad = None
+        """Step 1: this rank's shard of the gradient, summed over the axis."""
+        offset = 0
+        for p in self.params:  # someone may have replaced a view (e.g. zero_grad(set_to_none=True))
+            view = self.grad_buffer[offset:offset + p.numel()]
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(view))
+            offset += p.numel()
         if not self.params:
             return self.master
-        return comm.reduce_scatter(self._flat(grads), self.axis)
+        return comm.reduce_scatter(self.grad_buffer, self.axis)
 
     def sq_norm(self, grad: torch.Tensor, scale: float) -> torch.Tensor:
         """Step 2 (local part): sum of squares of the counted elements of ``scale * grad``."""
@@ -142,6 +158,8 @@ class ZeroAdamW:
             sq = sum(g.sq_norm(gr, scale) for g, gr in zip(self.groups, grads))
             norm = math.sqrt(comm.all_reduce(sq, self.topology.axis("world")).item())
             if not math.isfinite(norm):
+                for g in self.groups:
+                    g.attach_grads()
                 if c.precision != "fp16":
                     raise FloatingPointError(f"gradient norm is {norm} at step {self.step_count + 1} ({c.precision})")
                 self.loss_scale /= 2
@@ -155,6 +173,9 @@ class ZeroAdamW:
             lr = self.lr_at(self.step_count)
             for g, gr in zip(self.groups, grads):
                 g.step(gr, scale * clip, c, lr, self.step_count, c.tile_size)
+            del grads
+        for g in self.groups:
+            g.attach_grads()
         if c.precision == "fp16":
             self.good_steps += 1
             if self.good_steps % c.loss_scale_window == 0:

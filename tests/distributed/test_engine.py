@@ -93,3 +93,38 @@ def test_whole_model_matches_single_process(world, request, reference):
             torch.testing.assert_close(g, ref_grads[name], **TOL, msg=lambda m: f"{where} {name}: {m}")
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL,
                                    msg=lambda m: f"{where} (loss, grad norm) curve: {m}")
+
+
+def check_checkpointing():
+    """One training step in each checkpointing mode on (TP, EP, DP) = (2, 2, 2): gradients and ledger."""
+    topo = Topology(4, tp=2, ep=2)
+    dp, dp_rank = topo.size("dp"), topo.coord("dp")
+    out = {}
+    for mode in ("none", "plain", "cac"):
+        engine = build(topo, train_config(), mode)
+        mbs = micro_batches(0, dp, dp_rank)
+        with comm.LEDGER.capture():
+            for ids, targets in mbs:
+                engine.model(ids, targets)[0].backward()
+        comm.LEDGER.enabled = False
+        grads = engine.full_gradients(len(mbs))
+        with comm.LEDGER.capture(reset=False):
+            engine.optimizer.step(len(mbs))
+        stash = sum(s.nbytes() for s in engine.model.stashes)
+        out[mode] = (grads, comm.LEDGER.as_dict(), comm.LEDGER.total(kind="all_to_all").bytes, stash)
+    return out
+
+
+def test_checkpointing_modes(world4):
+    per_rank = world4.run(check_checkpointing)
+    for out in per_rank:
+        grads, ledger, a2a, stash = out["none"]
+        for mode in ("plain", "cac"):
+            for name, g in grads.items():
+                assert torch.equal(out[mode][0][name], g), (mode, name)  # bit-identical gradients
+        assert out["cac"][1] == ledger  # CAC moves exactly what no checkpointing moves, call for call
+        assert out["cac"][3] > 0 and stash == 0  # ...paid for with the stash
+        plain = out["plain"][1]
+        assert {p: v for p, v in plain.items() if p != "recompute"} == ledger
+        assert out["plain"][2] * 2 == a2a * 3  # the MoE layers' all-to-alls run 1.5x
+        assert plain["recompute"]["all_to_all/ep"]["bytes"] * 2 == a2a

@@ -1,0 +1,104 @@
+"""Engine and optimizer in one process: clipping + AdamW against torch, the tiled step, fp16, bf16."""
+
+import copy
+
+import pytest
+import torch
+
+from tedmoe.config import TrainConfig
+from tedmoe.parallel.topology import Topology
+from tests.distributed.test_engine import build, micro_batches, model_config
+from tedmoe.model.transformer import GPTMoE, count_parameters
+
+
+def _engine(**kw):
+    cfg = TrainConfig(**{"lr": 1e-2, "warmup_steps": 0, "max_steps": 10, "grad_clip": 0.05, **kw})
+    return build(Topology.single(), cfg)
+
+
+def test_clipping_and_adamw_match_torch():
+    engine = _engine(weight_decay=0.1)
+    ref = copy.deepcopy(engine.model)
+    params = list(ref.parameters())
+    torch_opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-2, betas=engine.config.betas, eps=engine.config.eps)
+    for step in range(3):
+        mbs = micro_batches(step)
+        out = engine.train_step(mbs)
+        for ids, targets in mbs:
+            (ref(ids, targets)[0] / len(mbs)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
+        assert out["grad_norm"] == pytest.approx(norm.item(), rel=1e-5) and norm > 0.05  # clipping acts
+        for group in torch_opt.param_groups:
+            group["lr"] = engine.optimizer.lr_at(step + 1)
+        torch_opt.step()
+        torch_opt.zero_grad()
+    for (name, p), q in zip(engine.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_tiled_step_is_bit_identical():
+    engines = [_engine(tile_size=None), _engine(tile_size=37), _engine(tile_size=1 << 30)]
+    for step in range(4):
+        for e in engines:
+            e.train_step(micro_batches(step))
+    for e in engines[1:]:
+        for p, q in zip(engines[0].model.parameters(), e.model.parameters()):
+            assert torch.equal(p, q)
+        for g0, g in zip(engines[0].optimizer.groups, e.optimizer.groups):
+            assert torch.equal(g0.exp_avg_sq, g.exp_avg_sq) and torch.equal(g0.master, g.master)
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    engine = _engine(precision="fp16", initial_loss_scale=1024.0, loss_scale_window=2)
+    assert engine.model.embed.weight.dtype == torch.float16
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    engine.optimizer.loss_scale = 1e30  # the scaled backward overflows fp16
+    out = engine.train_step(micro_batches(0))
+    assert out["skipped"] and out["loss_scale"] == 5e29
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
+    assert engine.optimizer.step_count == 0
+    engine.optimizer.loss_scale = 1024.0
+    outs = [engine.train_step(micro_batches(s)) for s in range(4)]
+    assert not any(o["skipped"] for o in outs) and engine.optimizer.step_count == 4
+    assert outs[-1]["loss_scale"] == 4096.0  # doubled after every window of 2 good steps
+    assert outs[-1]["loss"] < outs[0]["loss"]
+
+
+def test_bf16_trains():
+    engine = _engine(precision="bf16", grad_clip=1.0)
+    assert engine.model.blocks[1].mlp.experts.w1.dtype == torch.bfloat16
+    assert engine.optimizer.groups[1].master.dtype == torch.float32
+    losses = [engine.train_step(micro_batches(s))["loss"] for s in range(10)]
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_nonfinite_loss_in_fp32_stops_with_the_step():
+    engine = _engine()
+    with torch.no_grad():
+        engine.model.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 1"):
+        engine.train_step(micro_batches(0))
+
+
+def test_parameter_counts():
+    cfg = model_config()
+    counts = count_parameters(cfg)
+    model = GPTMoE(cfg, Topology.single())
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    expert = 2 * 4 * 32 * 32  # one MoE block: w1 and w2 of 4 experts, 32 x 32
+    assert counts["expert"] == expert
+    assert counts["active_per_token"] == counts["total"] - expert + expert * 2 // 4
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"precision": "fp8"}, "precision='fp8' is not one of"),
+    ({"tile_size": 0}, "tile_size=0 must be >= 1"),
+    ({"checkpointing": "always"}, "checkpointing='always' is not one of"),
+    ({"grad_clip": 0.0}, "grad_clip=0.0 must be > 0"),
+    ({"warmup_steps": 20, "max_steps": 10}, "warmup_steps=20 must be between 0 and max_steps=10"),
+])
+def test_bad_train_config(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change).validate()
