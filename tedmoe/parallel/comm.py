@@ -195,7 +195,9 @@ def _run_collective(kind: str, axis: Axis, x: torch.Tensor, phase: str | None, *
         out = x.clone()
         dist.all_reduce(out, op=kw.get("op", dist.ReduceOp.SUM), group=group)
     elif kind == "all_gather":
-        out = x.new_empty((n * x.shape[0],) + x.shape[1:])
+        out = kw.get("out")
+        if out is None:
+            out = x.new_empty((n * x.shape[0],) + x.shape[1:])
         _all_gather_flat(out, x, group=group)
     elif kind == "reduce_scatter":
         out = x.new_empty((x.shape[0] // n,) + x.shape[1:])
@@ -233,6 +235,13 @@ def all_gather(x: torch.Tensor, axis: Axis, dim: int = 0, phase: str | None = No
         return x
     out = _collective("all_gather", axis, x.movedim(dim, 0).contiguous(), phase)
     return out.movedim(0, dim)
+
+
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, axis: Axis, phase: str | None = None) -> None:
+    """Gather every rank's 1-D ``x`` into ``out`` (``n * len(x)`` long; ``x`` may be this rank's
+    slice of ``out``, which is how ZeRO writes updated shards straight into the parameters)."""
+    if axis.size > 1:
+        _collective("all_gather", axis, x, phase, out=out)
 
 
 def reduce_scatter(x: torch.Tensor, axis: Axis, dim: int = 0, phase: str | None = None) -> torch.Tensor:

@@ -45,8 +45,15 @@ class FlatShard:
         self.lo = axis.rank * self.shard
         self.dtype = params[0].dtype if params else torch.float32
         device = params[0].device if params else None
-        flat = self._flat([p.detach() for p in params], torch.float32)
-        self.master = flat[self.lo:self.lo + self.shard].clone()
+        # parameters become views of one flat buffer: updated tiles are written straight into
+        # them and the all-gather fills the buffer in place (no shard-sized staging copy)
+        self.param_buffer = self._flat([p.detach() for p in params]).to(self.dtype)
+        offset = 0
+        for p in params:
+            p.data = self.param_buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        own = self.param_buffer[self.lo:self.lo + self.shard]
+        self.master = own if self.dtype == torch.float32 else own.float()  # fp32: the parameters are the master
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
         # per-element flags of this shard: weight decay (matrices), and "counts in the norm"
@@ -99,7 +106,7 @@ class FlatShard:
         b1, b2 = cfg.betas
         bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
         tile = tile_size or max(self.shard, 1)
-        out = torch.empty(self.shard, dtype=self.dtype, device=self.master.device)
+        own = self.param_buffer[self.lo:self.lo + self.shard]
         for a in range(0, self.shard, tile):
             s = slice(a, a + tile)
             p, m, v = self.master[s], self.exp_avg[s], self.exp_avg_sq[s]
@@ -110,19 +117,10 @@ class FlatShard:
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(cfg.eps)
             p.addcdiv_(m, denom, value=-lr / bc1)
-            out[s] = p
+            if p.data_ptr() != own[s].data_ptr():
+                own[s] = p
             del g, denom
-        self._write_back(out)
-
-    def _write_back(self, shard: torch.Tensor) -> None:
-        if not self.params:
-            return
-        full = comm.all_gather(shard, self.axis)
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                p.copy_(full[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        comm.all_gather_into(self.param_buffer, own, self.axis)
 
 
 class ZeroAdamW:
