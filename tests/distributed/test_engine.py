@@ -11,6 +11,7 @@ import torch
 from tedmoe.config import ModelConfig, MoEConfig, TrainConfig
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel import comm
+from tedmoe.parallel.sharding import full_state_dict, load_full_state_dict, tp_dim
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.engine import Engine
 
@@ -69,9 +70,31 @@ def run(topology, train_cfg, checkpointing="none", steps=STEPS):
 def check_layouts(world):
     out = {}
     for tp, ep in LAYOUTS[world]:
-        result = run(Topology(world, tp=tp, ep=ep), train_config())
+        topo = Topology(world, tp=tp, ep=ep)
+        result = run(topo, train_config())
         out[(tp, ep)] = result if torch.distributed.get_rank() == 0 else None
     return out
+
+
+def check_state_dicts(world):
+    """Layout-invariant init gathers to the single-process weights; a full state dict loads into
+    any layout; parameters replicated over tp stay identical on the TP ranks through training."""
+    ref = build(Topology.single(), train_config()).model.state_dict()
+    for tp, ep in LAYOUTS[world]:
+        topo = Topology(world, tp=tp, ep=ep)
+        engine = build(topo, train_config())
+        full = full_state_dict(engine.model, topo)
+        assert full.keys() == ref.keys()
+        assert all(torch.equal(full[k], ref[k]) for k in ref), (tp, ep)
+        other = GPTMoE(model_config(), topo)
+        load_full_state_dict(other, full, topo)
+        assert all(torch.equal(a, b) for a, b in zip(other.parameters(), engine.model.parameters()))
+        for s in range(3):
+            engine.train_step(micro_batches(s, topo.size("dp"), topo.coord("dp")))
+        for name, p in engine.model.named_parameters():
+            if tp_dim(p) is None:
+                copies = comm.all_gather(p.detach().unsqueeze(0), topo.axis("tp"))
+                assert all(torch.equal(c, copies[0]) for c in copies), (tp, ep, name)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +116,10 @@ def test_whole_model_matches_single_process(world, request, reference):
             torch.testing.assert_close(g, ref_grads[name], **TOL, msg=lambda m: f"{where} {name}: {m}")
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **TOL,
                                    msg=lambda m: f"{where} (loss, grad norm) curve: {m}")
+
+
+def test_state_dicts_and_replicas(world8):
+    world8.run(check_state_dicts, 8)
 
 
 def check_checkpointing():

@@ -102,3 +102,10 @@ def test_parameter_counts():
 def test_bad_train_config(change, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**change).validate()
+
+
+def test_lr_schedule_warmup_then_cosine():
+    opt = _engine(lr=1.0, warmup_steps=4, max_steps=12, min_lr_ratio=0.1).optimizer
+    assert [opt.lr_at(s) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert opt.lr_at(8) == pytest.approx(0.55)  # half-way through the decay: (1 + 0.1) / 2
+    assert opt.lr_at(12) == pytest.approx(0.1) and opt.lr_at(50) == pytest.approx(0.1)
