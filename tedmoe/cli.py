@@ -1,28 +1,110 @@
-"""The ``tedmoe`` command."""
+"""The ``tedmoe`` command: train, generate, plot, data, demo. Thin: the work lives in the library."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from tedmoe.config import PRESETS
 from tedmoe.parallel import launch
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tedmoe", description="Mixture-of-Experts training with TED parallelism")
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="tensor-parallel layers on N ranks checked against one process")
+
+    t = sub.add_parser("train", help="train a GPT-MoE (default: 4 CPU ranks, TP 2 x DP 2, EP 2, DTD on)")
+    t.add_argument("--config", help="a TOML file (applied over the preset)")
+    t.add_argument("--preset", default="default", choices=PRESETS, help="starting config (default: %(default)s)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
+    t.add_argument("--nproc", type=int, help="ranks to launch here (default: parallel.nproc); ignored under torchrun")
+    t.add_argument("--out", help="run directory (same as --set out_dir=...)")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint")
+    g.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its latest checkpoint)")
+    g.add_argument("--prompt", default="", help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--seed", type=int, default=0)
+
+    pl = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
+    pl.add_argument("run_dir")
+
+    d = sub.add_parser("data", help="prepare token files")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser("prepare", help="tokenize text files into a memory-mapped train/val split")
+    prep.add_argument("inputs", nargs="+", help="files or directories (*.txt, *.md, *.py)")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
+    prep.add_argument("--val-fraction", type=float, default=0.05)
+
+    demo = sub.add_parser("demo", help="TP layers and the TED MoE layer on N ranks checked against one process")
     demo.add_argument("--nproc", type=int, default=4, help="ranks to launch when not already under torchrun")
     return p
 
 
+def _train(args, argv: list[str]) -> int:
+    from tedmoe.configfile import dump_run_config, load_run_config
+    from tedmoe.runtime.trainer import check_before_launch, train
+
+    overrides = args.overrides + ([f"out_dir={args.out!r}".replace("'", '"')] if args.out else [])
+    cfg = load_run_config(args.config, args.preset, overrides)
+    if args.print_config:
+        print(dump_run_config(cfg), end="")
+        return 0
+    if launch.launched():
+        train(cfg, resume=args.resume)
+        return 0
+    nproc = args.nproc or cfg.parallel.nproc
+    if nproc < 1:
+        raise ValueError(f"--nproc={nproc} must be at least 1")
+    check_before_launch(cfg, nproc, args.resume)
+    if nproc == 1:
+        train(cfg, resume=args.resume)
+        return 0
+    return launch.relaunch(nproc, argv)
+
+
+def _generate(args) -> int:
+    from tedmoe.generate import generate, load_model
+
+    model, tok = load_model(args.ckpt)
+    ids = tok.encode(args.prompt)
+    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.greedy, args.seed)
+    print(tok.decode(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        argv = sys.argv[1:] or launch.launched_argv() or []
     args = _parser().parse_args(argv)
-    if args.command == "demo":
+    try:
+        if args.command == "train":
+            return _train(args, argv)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "plot":
+            from tedmoe.plots import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+            return 0
+        if args.command == "data":
+            from tedmoe.data.dataset import prepare
+
+            out = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+            print(f"wrote {out}")
+            return 0
         if args.nproc < 1:
-            print(f"tedmoe: --nproc={args.nproc} must be at least 1", file=sys.stderr)
-            return 2
+            raise ValueError(f"--nproc={args.nproc} must be at least 1")
         if args.nproc > 1 and not launch.launched():
             return launch.relaunch(args.nproc, argv)
         from tedmoe import demo
@@ -30,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         if launch.launched():
             launch.init_distributed()
         return demo.main()
-    return 2
+    except (ValueError, FileNotFoundError) as err:  # user errors: one line, no traceback
+        rank = os.environ.get("RANK")
+        print(f"tedmoe: error: {err}" if rank in (None, "0") else "", file=sys.stderr, end="\n" if rank in (None, "0") else "")
+        return 2
 
 
 if __name__ == "__main__":

@@ -187,3 +187,130 @@ class TrainConfig:
             raise ValueError(f"grad_clip={self.grad_clip} must be > 0, or None to disable clipping")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}")
+
+
+@dataclass
+class ParallelConfig:
+    """The rank grid and how ranks talk."""
+
+    tp: int = 1
+    """Tensor-parallel degree (innermost axis; keep it inside a node)."""
+    ep: int = 1
+    """Expert-parallel degree; divides ``dp = world_size / tp`` and ``num_experts``."""
+    nproc: int = 1
+    """Ranks ``tedmoe train`` launches itself when not already started by torchrun or SLURM."""
+    backend: str | None = None
+    """``torch.distributed`` backend; ``None`` picks NCCL with CUDA, else gloo."""
+    timeout_s: float = 300.0
+    """Seconds a collective may wait before the run fails."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    path: str | None = None
+    """A directory written by ``tedmoe data prepare``; ``None`` uses the embedded corpus (the
+    running Python's standard library sources), prepared once and cached."""
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    """Tokenizer for the embedded corpus: raw bytes (vocabulary 256) or BPE trained on it."""
+    bpe_vocab_size: int = 2048
+    """Vocabulary of a BPE tokenizer trained by ``prepare``."""
+    corpus_bytes: int = 4_000_000
+    """How much of the embedded corpus to use."""
+    val_fraction: float = 0.05
+    """Share of tokens (the tail of each file list) held out for validation."""
+
+
+@dataclass
+class RunConfig:
+    """Everything ``tedmoe train`` needs. Loadable from TOML; ``--set key=value`` overrides."""
+
+    model: ModelConfig = None  # type: ignore[assignment]
+    """The network."""
+    train: TrainConfig = None  # type: ignore[assignment]
+    """Optimisation and memory settings."""
+    parallel: ParallelConfig = None  # type: ignore[assignment]
+    """Degrees and launch."""
+    data: DataConfig = None  # type: ignore[assignment]
+    """Tokens."""
+    out_dir: str = "runs/default"
+    """Run directory: metrics, checkpoints, plots, exports."""
+    seed: int = 0
+    """Seed of the weights and of the data order."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
+    eval_every: int = 50
+    """Steps between validation losses (0: only at the end)."""
+    eval_batches: int = 4
+    """Micro-batches per validation."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    export: bool = True
+    """At the end, write the full model as ``model.safetensors`` + ``model_config.json``."""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("parallel", ParallelConfig),
+                          ("data", DataConfig)):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, cls())
+            elif isinstance(value, dict):
+                setattr(self, name, cls(**value))
+
+    def validate(self, world_size: int) -> None:
+        """Every check that needs no process group; raises ``ValueError`` naming the fix."""
+        from tedmoe.parallel.topology import ParallelDims
+
+        dims = ParallelDims(world_size, self.parallel.tp, self.parallel.ep)
+        self.model.validate(dims.tp, dims.ep)
+        self.train.validate()
+        if self.seq_len > self.model.max_seq_len:
+            raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
+                             f"raise model.max_seq_len or shorten seq_len")
+        per_step = self.micro_batch_size * dims.dp
+        if self.micro_batch_size < 1 or self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size="
+                             f"{self.micro_batch_size} x dp={dims.dp} = {per_step}; make it a multiple of {per_step}")
+        if self.data.tokenizer not in ("byte", "bpe"):
+            raise ValueError(f"data.tokenizer={self.data.tokenizer!r} is not one of 'byte', 'bpe'")
+        if not 0 < self.data.val_fraction < 1:
+            raise ValueError(f"data.val_fraction={self.data.val_fraction} must be between 0 and 1")
+
+
+def preset(name: str) -> RunConfig:
+    """Named starting points: ``default`` (what ``tedmoe train`` runs: 4 CPU ranks, a few
+    minutes), ``tiny`` (seconds; tests) and ``small`` (a longer CPU run)."""
+    if name == "default":
+        moe = MoEConfig(hidden_size=128, ffn_hidden_size=256, num_experts=4, top_k=2, capacity_factor=1.25)
+        return RunConfig(model=ModelConfig(vocab_size=256, hidden_size=128, num_layers=4, num_heads=4,
+                                           ffn_hidden_size=512, max_seq_len=128, moe=moe),
+                         train=TrainConfig(lr=3e-3, warmup_steps=20, max_steps=300, tile_size=1 << 16),
+                         parallel=ParallelConfig(tp=2, ep=2, nproc=4), seq_len=128, global_batch_size=16,
+                         micro_batch_size=4, eval_every=100, checkpoint_every=150)
+    if name == "tiny":
+        moe = MoEConfig(hidden_size=32, ffn_hidden_size=64, num_experts=4, top_k=2, capacity_factor=1.25)
+        return RunConfig(model=ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4,
+                                           ffn_hidden_size=64, max_seq_len=32, moe=moe),
+                         train=TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, tile_size=1 << 12),
+                         parallel=ParallelConfig(tp=1, ep=1, nproc=1), seq_len=32, global_batch_size=8,
+                         micro_batch_size=2, eval_every=3, eval_batches=2, checkpoint_every=3,
+                         data=DataConfig(corpus_bytes=300_000), progress=False)
+    if name == "small":
+        cfg = preset("default")
+        cfg.model.num_layers, cfg.model.moe.num_experts, cfg.train.max_steps = 6, 8, 2000
+        return cfg
+    raise ValueError(f"unknown preset {name!r}; presets are default, tiny, small")
+
+
+PRESETS = ("default", "tiny", "small")

@@ -135,6 +135,14 @@ class GPTMoE(nn.Module):
             parts.update(aux=aux_mean.detach(), z=z_mean.detach())
         return loss, parts
 
+    @torch.no_grad()
+    def logits(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits ``[B, T, V]`` on every rank (for generation and export checks)."""
+        x = self.embed(ids_BT)
+        for block in self.blocks:
+            x = block(x)[0]
+        return comm.gather_slices(self.head(self.norm(x)), self.topology.axis("tp"), -1)
+
     def moe_stats(self) -> list:
         """The last forward's ``MoEStats`` of every MoE block, in order."""
         return [b.stats for b in self.blocks if b.is_moe]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from datetime import timedelta
@@ -16,17 +17,25 @@ def launched() -> bool:
 
 
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m tedmoe.cli ARGV`` on ``nproc`` local ranks through torch.distributed.run."""
+    """Run ``python -m tedmoe.cli ARGV`` on ``nproc`` local ranks through torch.distributed.run.
+    ARGV travels in the environment (``TEDMOE_ARGV``) so torchrun's own options never clash."""
     from torch.distributed import run
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args = run.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "tedmoe.cli", *argv])
+    os.environ["TEDMOE_ARGV"] = json.dumps(argv)
+    args = run.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "tedmoe.cli"])
     try:
         run.run(args)
     except Exception as err:  # torchrun has printed the failing rank's error already
         print(f"tedmoe: {type(err).__name__}: launch of {nproc} ranks failed", file=sys.stderr)
         return 1
     return 0
+
+
+def launched_argv() -> list[str] | None:
+    """The arguments ``relaunch`` handed to this rank, if it started us."""
+    text = os.environ.get("TEDMOE_ARGV")
+    return json.loads(text) if text is not None and launched() else None
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:

@@ -80,6 +80,26 @@ class FlatShard:
             else torch.zeros(0)
         return torch.nn.functional.pad(flat, (0, self.padded - flat.numel()))
 
+    STATES = ("master", "exp_avg", "exp_avg_sq")
+
+    def per_param_states(self) -> dict[str, list[torch.Tensor]]:
+        """Each fp32 state gathered over the axis and cut per parameter (shaped like it): the
+        layout-independent form that checkpoints hold."""
+        out = {}
+        for state in self.STATES:
+            full = comm.all_gather(getattr(self, state), self.axis) if self.params else self.master
+            out[state], offset = [], 0
+            for p in self.params:
+                out[state].append(full[offset:offset + p.numel()].view(p.shape))
+                offset += p.numel()
+        return out
+
+    def load_per_param_states(self, states: dict[str, list[torch.Tensor]]) -> None:
+        """Inverse of ``per_param_states``: keep this rank's slice of each state."""
+        for state in self.STATES:
+            flat = self._flat(states[state], torch.float32)
+            getattr(self, state).copy_(flat[self.lo:self.lo + self.shard])
+
     def reduce_grads(self) -> torch.Tensor:
         """Step 1: this rank's shard of the gradient, summed over the axis."""
         offset = 0

@@ -1,0 +1,101 @@
+"""Run configs as TOML: load (with unknown keys named), ``--set key=value`` overrides, dump."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from tedmoe.config import RunConfig, preset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in fields:
+            table = f" in [{where.rstrip('.')}]" if where else ""
+            raise ValueError(f"unknown config key '{where}{key}'; valid keys{table}: {', '.join(sorted(fields))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{key} is a table; set its keys, e.g. {where}{key}.<key>=...")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, tuple(value) if isinstance(current, tuple) else value)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"model.moe.top_k=1"`` -> ``{"model": {"moe": {"top_k": 1}}}`` (values parsed as TOML,
+    bare words as strings)."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r} is not key=value (e.g. --set train.max_steps=100)")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_run_config(path: str | None = None, preset_name: str = "default", overrides: list[str] = ()) -> RunConfig:
+    """The preset, then the TOML file (if any), then the overrides, in that order."""
+    cfg = preset(preset_name)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            _apply(cfg, tomllib.loads(p.read_text()), "")
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {path} is not valid TOML: {err}") from None
+    for text in overrides:
+        _apply(cfg, parse_override(text), "")
+    cfg.model.moe.hidden_size = cfg.model.hidden_size  # the experts' width follows the model's
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dump_run_config(cfg: Any, prefix: str = "") -> str:
+    """TOML text of a config (``None`` fields are left out: TOML has no null)."""
+    scalars, tables = [], []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            tables.append(dump_run_config(v, f"{prefix}{f.name}."))
+        elif v is not None:
+            scalars.append(f"{f.name} = {_toml_value(v)}")
+        else:
+            scalars.append(f"# {f.name} is unset (None)")
+    head = [f"[{prefix.rstrip('.')}]"] if prefix else []
+    return "\n".join(head + scalars) + "\n" + "".join("\n" + t for t in tables)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, values, "")
+    return cfg

@@ -1,0 +1,56 @@
+"""Text generation from a checkpoint (any layout) on one process: greedy, top-k, temperature."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tedmoe.configfile import from_dict
+from tedmoe.data.tokenizer import load_tokenizer
+from tedmoe.model.transformer import GPTMoE
+from tedmoe.parallel.topology import Topology
+from tedmoe.runtime.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, read_meta
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest one of a run directory or a ``checkpoints/`` directory."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = latest_checkpoint(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    raise CheckpointError(f"no complete checkpoint at {path}")
+
+
+def load_model(path: str | Path) -> tuple[GPTMoE, object]:
+    ckpt = resolve_checkpoint(path)
+    cfg = from_dict(read_meta(ckpt)["config"])
+    model = GPTMoE(cfg.model, Topology.single())
+    load_model_weights(ckpt, model, Topology.single())
+    model.eval()
+    return model, load_tokenizer(ckpt)
+
+
+@torch.no_grad()
+def generate(model: GPTMoE, ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             greedy: bool = False, seed: int = 0) -> list[int]:
+    """Append ``max_new_tokens`` tokens to ``ids`` (the context is cropped to ``max_seq_len``)."""
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature={temperature} must be > 0 (or use --greedy)")
+    g = torch.Generator().manual_seed(seed)
+    out = list(ids)
+    for _ in range(max_new_tokens):
+        context = torch.tensor([out[-model.config.max_seq_len:]])
+        logits = model.logits(context)[0, -1].float()
+        if greedy:
+            out.append(int(logits.argmax()))
+            continue
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.numel():
+            kth = torch.topk(logits, top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        out.append(int(torch.multinomial(logits.softmax(-1), 1, generator=g)))
+    return out

@@ -1,0 +1,182 @@
+"""Sharded checkpoints with ``torch.distributed.checkpoint``: atomic, resumable, reshardable.
+
+Layout of a run's ``checkpoints/`` directory::
+
+    step_0000100/     a complete checkpoint: DCP shards + meta.json
+    latest            the name of the newest complete checkpoint (moved only after a save completes)
+    .tmp-step_...     a save in progress (ignored; removed by the next save of that step)
+
+Every tensor is saved as a DTensor over the topology's meshes (experts sharded over ``ep`` and
+``tp``, the rest over ``tp`` or replicated), optimizer states per parameter in the same layout,
+so DCP can load a checkpoint into any other layout, including one process.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from tedmoe.parallel.sharding import is_expert, tp_dim
+from tedmoe.parallel.topology import Topology
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupted or for another model."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns that one process means no process group; that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier(topology: Topology) -> None:
+    if topology.world_size > 1:
+        dist.barrier()
+
+
+def _wrap(local: torch.Tensor, param: torch.Tensor, topology: Topology):
+    if topology.world_size == 1:
+        return local
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    tp = Shard(tp_dim(param)) if tp_dim(param) is not None else Replicate()
+    if is_expert(param):
+        return DTensor.from_local(local, topology.expert_mesh, [Replicate(), Shard(param.ep_dim), tp], run_check=False)
+    return DTensor.from_local(local, topology.mesh, [Replicate(), tp], run_check=False)
+
+
+def _state(model, optimizer, topology: Topology) -> tuple[dict, list]:
+    """The DCP state dict (views of the live parameters; fresh optimizer-state tensors)."""
+    state, optim = {}, []
+    names = {id(p): n for n, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        state[f"model/{name}"] = _wrap(p.data, p, topology)
+    for group in optimizer.groups:
+        states = group.per_param_states()
+        optim.append((group, states))
+        for kind, tensors in states.items():
+            for p, t in zip(group.params, tensors):
+                state[f"optim/{kind}/{names[id(p)]}"] = _wrap(t, p, topology)
+    return state, optim
+
+
+def _router_generators(model) -> list[torch.Generator]:
+    return [b.mlp.router.generator for b in model.blocks if b.is_moe]
+
+
+def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Topology, meta: dict,
+                    keep: int = 2) -> Path:
+    """Save atomically: shards and meta.json into a temporary directory, then rename it and move
+    ``latest``. A crash at any point leaves the previous complete checkpoint in place."""
+    root = Path(root)
+    final, tmp = root / f"step_{step:07d}", root / f".tmp-step_{step:07d}"
+    rank0 = topology.rank == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(topology)
+    state, _ = _state(model, optimizer, topology)
+    with _quiet():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=topology.world_size == 1)
+    if rank0:
+        meta = {**meta, "step": step, "loss_scale": optimizer.loss_scale, "good_steps": optimizer.good_steps,
+                "optimizer_steps": optimizer.step_count,
+                "router_rng": [base64.b64encode(g.get_state().numpy().tobytes()).decode()
+                               for g in _router_generators(model)]}
+        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
+    _barrier(topology)
+    if rank0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name)
+        complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(topology)
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (following ``latest``), or ``None``."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "meta.json").is_file():
+            return path
+    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    return complete[-1] if complete else None
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's meta.json, or a ``CheckpointError`` saying what is wrong."""
+    path = Path(path)
+    if path.is_dir() and not (path / "meta.json").exists() and latest_checkpoint(path):
+        path = latest_checkpoint(path)
+    meta_path = path / "meta.json"
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{meta_path} is corrupted (not JSON)") from None
+    meta["path"] = str(path)
+    return meta
+
+
+def load_checkpoint(path: str | Path, model, optimizer, topology: Topology, model_config: dict) -> dict:
+    """Load a checkpoint (saved in any layout) into this layout; returns its meta."""
+    meta = read_meta(path)
+    saved = meta.get("config", {}).get("model")
+    if saved != model_config:
+        diff = sorted(k for k in set(saved or {}) | set(model_config) if (saved or {}).get(k) != model_config.get(k))
+        raise CheckpointError(f"checkpoint {meta['path']} was made for another model (differs in {', '.join(diff)})")
+    state, optim = _state(model, optimizer, topology)
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=meta["path"], no_dist=topology.world_size == 1)
+    except Exception as err:  # DCP raises many kinds; all mean this checkpoint cannot be read
+        raise CheckpointError(f"checkpoint {meta['path']} cannot be read: {str(err).splitlines()[0][:200]}") from None
+    for group, states in optim:
+        group.load_per_param_states(states)
+    optimizer.loss_scale, optimizer.good_steps = meta["loss_scale"], meta["good_steps"]
+    optimizer.step_count = meta["optimizer_steps"]
+    for g, text in zip(_router_generators(model), meta["router_rng"]):
+        g.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+    return meta
+
+
+def load_model_weights(path: str | Path, model, topology: Topology) -> dict:
+    """Only the model weights of a checkpoint (for generation), in any layout."""
+    meta = read_meta(path)
+    state = {f"model/{n}": _wrap(p.data, p, topology) for n, p in model.named_parameters()}
+    try:
+        with _quiet():
+            dcp.load(state, checkpoint_id=meta["path"], no_dist=topology.world_size == 1)
+    except Exception as err:  # see load_checkpoint
+        raise CheckpointError(f"checkpoint {meta['path']} cannot be read: {str(err).splitlines()[0][:200]}") from None
+    return meta
