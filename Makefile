@@ -1,10 +1,10 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   the main job        make test   the test suite (what CI runs)
+#   make train  the main job        make test   the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test clean
+.PHONY: train demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,6 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH)" || $(PY) -m pip install --quiet "torch>=2.5"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
+
+train: $(VENV)/.installed
+	$(VENV)/bin/tedmoe train
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/tedmoe demo

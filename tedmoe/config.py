@@ -258,6 +258,9 @@ class RunConfig:
     """Show a progress bar on rank 0."""
     export: bool = True
     """At the end, write the full model as ``model.safetensors`` + ``model_config.json``."""
+    stop_after: int | None = None
+    """End this invocation after this step, with a checkpoint (for time-limited jobs: a later
+    ``--resume`` continues; the schedule still follows ``train.max_steps``)."""
 
     def __post_init__(self) -> None:
         for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("parallel", ParallelConfig),

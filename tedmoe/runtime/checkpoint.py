@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -91,7 +92,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
     with _quiet():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=topology.world_size == 1)
     if rank0:
-        meta = {**meta, "step": step, "loss_scale": optimizer.loss_scale, "good_steps": optimizer.good_steps,
+        meta = {**meta, "step": step, "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}, "loss_scale": optimizer.loss_scale, "good_steps": optimizer.good_steps,
                 "optimizer_steps": optimizer.step_count,
                 "router_rng": [base64.b64encode(g.get_state().numpy().tobytes()).decode()
                                for g in _router_generators(model)]}
@@ -107,6 +108,26 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
             shutil.rmtree(old, ignore_errors=True)
     _barrier(topology)
     return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: str | Path) -> dict:
+    """Check every file of a checkpoint against the checksums in its meta.json."""
+    meta = read_meta(path)
+    for name, digest in meta.get("files", {}).items():
+        f = Path(meta["path"]) / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {meta['path']} is incomplete: {name} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint {meta['path']} is corrupted: {name} does not match its checksum")
+    return meta
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -64,9 +64,7 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool) -> None:
             if meta.get("config", {}).get("model") != dataclasses.asdict(cfg.model):
                 raise ckpt.CheckpointError(f"checkpoint {found} was made for another model config; "
                                            "use another out_dir or the same model settings")
-            if not (found / ".metadata").is_file():
-                raise ckpt.CheckpointError(f"checkpoint {found} is incomplete (no .metadata); delete it to resume "
-                                           "from an earlier one")
+            ckpt.verify(found)
 
 
 def _val_loss(model, sampler: BatchSampler, topo: Topology, micro: int, batches: int) -> float:
@@ -122,7 +120,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
         bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     record: dict = {}
-    for step in range(start + 1, cfg.train.max_steps + 1):
+    last = min(cfg.train.max_steps, cfg.stop_after or cfg.train.max_steps)
+    for step in range(start + 1, last + 1):
         t0 = time.perf_counter()
         with comm.LEDGER.capture():
             metrics = engine.train_step(sampler.micro_batches(dp, dp_rank, micro))
@@ -136,7 +135,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.train.max_steps:
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
             meta = {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict(), "world_size": world,
                     "layout": {"tp": topo.size("tp"), "ep": topo.size("ep"), "dp": dp}}
             saved = ckpt.save_checkpoint(out / "checkpoints", step, model, engine.optimizer, topo, meta,
@@ -146,7 +145,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if bar is not None:
         bar.close()
     writer.close()
-    if cfg.export:
+    if cfg.export and last == cfg.train.max_steps:
         export(model, topo, cfg, out)
     if rank == 0 and record:
         layout = f"TP {topo.size('tp')} x EP {topo.size('ep')} x DP {dp}"
