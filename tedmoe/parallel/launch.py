@@ -11,8 +11,23 @@ import torch
 import torch.distributed as dist
 
 
+def adopt_slurm_env(env: dict | None = None) -> None:
+    """Under ``srun`` (one task per rank, no torchrun), derive torch's rendezvous variables from
+    SLURM's: RANK, WORLD_SIZE and LOCAL_RANK from the task ids, MASTER_ADDR from the launch node
+    (unless already set), MASTER_PORT 29500 unless set."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env and "SLURM_LAUNCH_NODE_IPADDR" in env:
+        env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
+    env.setdefault("MASTER_PORT", "29500")
+
+
 def launched() -> bool:
-    """True inside a rank started by torchrun (or anything that sets its environment)."""
+    """True inside a rank started by torchrun or srun (or anything that sets torch's variables)."""
+    adopt_slurm_env()
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
