@@ -140,7 +140,8 @@ class FlatShard:
             if p.data_ptr() != own[s].data_ptr():
                 own[s] = p
             del g, denom
-        comm.all_gather_into(self.param_buffer, own, self.axis)
+        if self.params:
+            comm.all_gather_into(self.param_buffer, own, self.axis)
 
 
 class ZeroAdamW:

@@ -1,0 +1,63 @@
+"""Cluster descriptions for the planner: compute peak, memory, and the two network tiers."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One kind of node, repeated. Bandwidths are per GPU, in bytes per second, one direction."""
+
+    name: str
+    gpus_per_node: int
+    """Devices that share the fast intra-node network."""
+    peak_flops: float
+    """16-bit dense peak per GPU (FLOP/s)."""
+    memory_bytes: float
+    """Device memory per GPU."""
+    intra_bw: float
+    """Intra-node bandwidth per GPU (NVLink)."""
+    inter_bw: float
+    """Inter-node bandwidth per node (its NICs), shared by the node's GPUs."""
+    intra_latency: float = 5e-6
+    """Seconds per message step inside a node."""
+    inter_latency: float = 10e-6
+    """Seconds per message step between nodes."""
+    efficiency: float = 0.4
+    """Fraction of peak the model's GEMMs reach."""
+
+
+GB = 1e9
+PRESETS = {
+    "summit": Hardware("Summit (6x V100-16GB per node)", 6, 125e12, 16 * 2**30, 50 * GB, 25 * GB),
+    "perlmutter": Hardware("Perlmutter (4x A100-40GB per node)", 4, 312e12, 40 * 2**30, 600 * GB, 100 * GB),
+    "dgx-a100": Hardware("DGX-A100 (8x A100-80GB per node)", 8, 312e12, 80 * 2**30, 600 * GB, 200 * GB),
+    "dgx-h100": Hardware("DGX-H100 (8x H100-80GB per node)", 8, 989e12, 80 * 2**30, 900 * GB, 400 * GB),
+}
+
+
+def load_hardware(name_or_path: str) -> Hardware:
+    """A preset name, or a TOML file with the ``Hardware`` fields (GB/s as ``*_gbps`` works too)."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(f"unknown hardware {name_or_path!r}: use one of {', '.join(PRESETS)} or a TOML file")
+    values = tomllib.loads(path.read_text())
+    for key in ("intra_bw", "inter_bw"):
+        if f"{key}_gbps" in values:
+            values[key] = values.pop(f"{key}_gbps") * GB
+    valid = {f.name for f in fields(Hardware)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown hardware keys {unknown} in {path}; valid keys: {', '.join(sorted(valid))}")
+    values.setdefault("name", path.stem)
+    return Hardware(**values)

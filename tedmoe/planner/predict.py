@@ -1,0 +1,202 @@
+"""Predicted communication, memory and step time of one training step, per device.
+
+Communication is derived from the same steps the code's docstrings state (the TP layers, the
+MoE dispatcher's ``capacity_comm``, the engine's metrics all-reduce and the ZeRO-1 step), so at
+small scale it equals the ``CommLedger`` measurement exactly (tests/distributed/test_planner.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tedmoe.config import ModelConfig
+from tedmoe.moe.dispatcher import capacity_comm
+from tedmoe.parallel.comm import sent_bytes
+from tedmoe.parallel.topology import ParallelDims, axis_groups
+from tedmoe.planner.hardware import Hardware
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class Plan:
+    """A model, a layout and the training settings the prediction depends on."""
+
+    model: ModelConfig
+    world_size: int
+    tp: int = 1
+    ep: int = 1
+    micro_batch: int = 1
+    """Sequences per micro-batch per rank."""
+    seq_len: int = 2048
+    micro_batches: int = 1
+    """Micro-batches per step per rank (gradient accumulation)."""
+    precision: str = "fp16"
+    checkpointing: str = "none"
+    tile_size: int | None = 1 << 24
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.world_size, self.tp, self.ep)
+
+    def validate(self) -> None:
+        self.model.validate(self.dims.tp, self.dims.ep)
+
+
+def param_counts(model: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, int]:
+    """Per-rank parameter counts: ``non_expert`` and ``expert`` local elements, and the full
+    ``total`` / ``expert_total`` (the layers of ``tedmoe.model``, counted without building them)."""
+    H, V, F, L = model.hidden_size, model.vocab_size, model.ffn_hidden_size, model.num_layers
+    D = H // model.num_heads
+    attn = H * model.num_heads * D + 2 * H * model.kv_heads * D + model.num_heads * D * H  # q, k, v, o
+    dense = 2 * H * F + F + H  # fc1 (+bias), fc2 (+bias)
+    moe = model.moe
+    experts = moe.num_experts * H * moe.ffn_hidden_size * (3 if moe.activation == "swiglu" else 2)
+    n_moe = sum(model.is_moe_layer(i) for i in range(L))
+    replicated = 2 * H * L + H + n_moe * moe.num_experts * H + (L - n_moe) * H  # norms, router, fc2 bias
+    sharded = 2 * V * H + L * attn + (L - n_moe) * (2 * H * F + F)
+    return {"non_expert": sharded // tp + replicated, "expert": n_moe * experts // (tp * ep),
+            "total": sharded + replicated + n_moe * experts, "expert_total": n_moe * experts}
+
+
+def _add(out: dict, phase: str, kind: str, axis: str, n: int, numel: int, item: int, send_numel: int | None = None,
+         calls: int = 1) -> None:
+    if n == 1 or calls == 0:
+        return
+    e = out.setdefault(phase, {}).setdefault(f"{kind}/{axis}", {"calls": 0, "bytes": 0, "payload": 0})
+    e["calls"] += calls
+    e["bytes"] += calls * sent_bytes(kind, n, numel, item, send_numel)
+    e["payload"] += calls * numel * item
+
+
+def _merge(out: dict, part: dict, times: int = 1) -> None:
+    for phase, entries in part.items():
+        for key, e in entries.items():
+            d = out.setdefault(phase, {}).setdefault(key, {"calls": 0, "bytes": 0, "payload": 0})
+            for f in ("calls", "bytes", "payload"):
+                d[f] += times * e[f]
+
+
+def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
+    """The ledger of one training step on one rank (``CommLedger.as_dict()`` form)."""
+    m, d = plan.model, plan.dims
+    item = DTYPE_BYTES[plan.precision]
+    N, H, t = plan.micro_batch * plan.seq_len, m.hidden_size, d.tp
+    dtd = m.moe.dtd if dtd is None else dtd
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.num_layers))
+    n_dense = m.num_layers - n_moe
+    micro: dict = {}
+    _add(micro, "fwd", "all_reduce", "tp", t, N * H, item, calls=1 + m.num_layers + n_dense)  # embed, attn o, fc2
+    _add(micro, "fwd", "all_reduce", "tp", t, N, 4)  # cross-entropy: max
+    _add(micro, "fwd", "all_reduce", "tp", t, 2 * N, 4)  # cross-entropy: target logit and sum of exp
+    _add(micro, "bwd", "all_reduce", "tp", t, N * H, item, calls=1 + m.num_layers + n_dense)  # head, qkv, fc1 copies
+    if n_moe:
+        c = m.moe
+        layer = capacity_comm(N, H, c.num_experts, c.top_k, c.capacity(N), t, d.ep, dtd, item)
+        _merge(micro, layer, n_moe)
+    if plan.checkpointing == "plain":
+        recompute: dict = {}
+        _add(recompute, "recompute", "all_reduce", "tp", t, N * H, item, calls=m.num_layers + n_dense)
+        if n_moe:
+            _merge(recompute, {"recompute": layer["fwd"]} if "fwd" in layer else {}, n_moe)
+        _merge(micro, recompute)
+    out: dict = {}
+    _merge(out, micro, plan.micro_batches)
+    _add(out, "metrics", "all_reduce", "dp", d.dp, 4 if n_moe else 2, 4)
+    counts = param_counts(m, t, d.ep)
+    for key, axis in (("non_expert", "dp"), ("expert", "edp")):
+        n = d.size(axis)
+        if counts[key] and n > 1:
+            shard = math.ceil(counts[key] / n)
+            _add(out, "step", "reduce_scatter", axis, n, shard * n, item)
+            _add(out, "step", "all_gather", axis, n, shard, item)
+    _add(out, "step", "all_reduce", "world", d.world_size, 1, 4)
+    return out
+
+
+def memory(plan: Plan) -> dict[str, float]:
+    """Bytes per device: parameters, gradients, optimizer states (ZeRO-1), activations, the CAC
+    stash, and the optimizer-step spike (``tile_size`` elements at about 12 bytes each, the
+    constant ``benchmarks/optimizer_memory.py`` measures)."""
+    m, d = plan.model, plan.dims
+    item = DTYPE_BYTES[plan.precision]
+    counts = param_counts(m, d.tp, d.ep)
+    ne = math.ceil(counts["non_expert"] / d.dp) * d.dp
+    ex = math.ceil(counts["expert"] / d.edp) * d.edp if counts["expert"] else 0
+    state_bytes = 8 if plan.precision == "fp32" else 12  # fp32: the parameters are the master weights
+    optimizer = state_bytes * (ne / d.dp + (ex / d.edp if ex else 0))
+    sbh = plan.micro_batch * plan.seq_len * m.hidden_size
+    k_cf = m.moe.top_k * m.moe.capacity_factor
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.num_layers))
+    # saved activations per layer (16-bit: Korthikanti et al.'s sbh(10 + 24/t) with a fused
+    # attention kernel, so no s^2 term); an MoE MLP keeps k * cf copies of its tokens
+    dense_layer = sbh * (10 + 24 / d.tp) * item / 2
+    moe_layer = dense_layer + sbh * 16 * (k_cf - 1) / d.tp * item / 2
+    full = (m.num_layers - n_moe) * dense_layer + n_moe * moe_layer
+    stash = 0.0
+    if plan.checkpointing == "none":
+        activations = full
+    else:
+        activations = m.num_layers * sbh * item + max(dense_layer, moe_layer if n_moe else 0)
+        if plan.checkpointing == "cac":  # outputs of each block's collectives
+            comm_out = sbh * item * (2 + (m.num_layers - n_moe > 0))
+            stash = m.num_layers * comm_out + n_moe * 4 * sbh * k_cf * item
+    shard = max(ne / d.dp, ex / d.edp if ex else 0)
+    spike = 12 * min(plan.tile_size or shard, shard)
+    out = {"parameters": (ne + ex) * item, "gradients": (ne + ex) * item, "optimizer": optimizer,
+           "activations": activations, "cac_stash": stash, "optimizer_spike": spike}
+    out["total"] = sum(out.values())
+    return out
+
+
+def eq5_lower_bound(np_base: float, num_experts: int, tp: int, world_size: int) -> float:
+    """The paper's Eq. 5: ``M >= 4 NP_base (1/G_tensor + (E + 2)/G)``."""
+    return 4 * np_base * (1 / tp + (num_experts + 2) / world_size)
+
+
+def model_state_bytes(n_non_expert: float, n_expert: float, tp: int, ep: int, world_size: int) -> float:
+    """16-bit parameters and gradients (4 bytes) plus ZeRO-1 fp32 master weights and Adam moments
+    (12 bytes over every rank): ``4 N_ne / t + 4 N_e / (t ep) + 12 (N_ne + N_e) / G``. With
+    ``N_ne = 2/3 NP_base`` and ``N_e = E/3 NP_base`` (MLPs are 2/3 of a block and every other
+    block is MoE) and one expert per EP rank (``ep = E``) this is exactly Eq. 5."""
+    return 4 * n_non_expert / tp + 4 * n_expert / (tp * ep) + 12 * (n_non_expert + n_expert) / world_size
+
+
+def crosses_nodes(plan: Plan, axis: str, gpus_per_node: int) -> bool:
+    """Whether any group of ``axis`` spans two nodes (ranks fill nodes in order)."""
+    return any(len({r // gpus_per_node for r in g}) > 1 for g in axis_groups(plan.dims, axis))
+
+
+def flops(plan: Plan) -> float:
+    """Training FLOPs per device per step: 6 x active parameters x tokens, plus attention scores
+    (forward ``4 s^2 h`` per layer and sequence, x3 with backward), plus the recompute."""
+    m = plan.model
+    counts = param_counts(m)
+    active = counts["total"] - counts["expert_total"] + counts["expert_total"] * m.moe.top_k / m.moe.num_experts
+    tokens = plan.micro_batch * plan.seq_len * plan.micro_batches * plan.dims.dp
+    attention = 3 * 4 * plan.seq_len * m.hidden_size * m.num_layers * tokens
+    total = 6 * active * tokens + attention
+    if plan.checkpointing != "none":
+        total *= 4 / 3  # the forward runs twice
+    return total / plan.world_size
+
+
+def step_time(plan: Plan, hw: Hardware, dtd: bool | None = None) -> dict[str, float]:
+    """Seconds per step: compute at ``peak x efficiency`` plus every collective, not overlapped.
+    A collective on an axis inside a node uses NVLink; one that crosses nodes shares the node's
+    network among its GPUs (all of them communicate at once in these collectives)."""
+    comm = step_comm(plan, dtd)
+    out = {"compute": flops(plan) / (hw.peak_flops * hw.efficiency)}
+    for phase, entries in comm.items():
+        for key, e in entries.items():
+            kind, axis = key.split("/")
+            inter = crosses_nodes(plan, axis, hw.gpus_per_node)
+            bw = hw.inter_bw / hw.gpus_per_node if inter else hw.intra_bw
+            n = plan.dims.size(axis)
+            steps = {"all_reduce": 2 * (n - 1), "all_to_all": n - 1}.get(kind, n - 1)
+            lat = hw.inter_latency if inter else hw.intra_latency
+            t = e["bytes"] / bw + e["calls"] * steps * lat
+            out[f"comm/{kind}"] = out.get(f"comm/{kind}", 0.0) + t
+    out["total"] = sum(out.values())
+    return out

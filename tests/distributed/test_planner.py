@@ -1,0 +1,49 @@
+"""The planner's predicted communication equals the ledger's measurement of a real training step."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tedmoe.config import ModelConfig, MoEConfig, TrainConfig
+from tedmoe.model.transformer import GPTMoE
+from tedmoe.parallel import comm
+from tedmoe.parallel.topology import Topology
+from tedmoe.planner.predict import Plan, step_comm
+from tedmoe.runtime.engine import Engine
+
+CASES = {4: [(2, 2, True, "none"), (2, 2, False, "plain"), (1, 4, True, "cac"), (4, 1, True, "plain"),
+             (4, 1, False, "none")],
+         8: [(2, 2, True, "cac"), (2, 4, False, "none"), (4, 2, True, "plain"), (8, 1, True, "none")]}
+MICRO, SEQ, ACCUM = 2, 16, 2
+
+
+def model_config(dtd):
+    moe = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2, capacity_factor=1.0, dtd=dtd)
+    return ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=8, num_kv_heads=8, ffn_hidden_size=64,
+                       max_seq_len=SEQ, moe=moe)
+
+
+def check_predictions(world):
+    results = []
+    for tp, ep, dtd, ckpt in CASES[world]:
+        topo = Topology(world, tp=tp, ep=ep)
+        cfg = model_config(dtd)
+        model = GPTMoE(cfg, topo, checkpointing=ckpt)
+        model.init_weights(0)
+        engine = Engine(model, topo, TrainConfig(checkpointing=ckpt))
+        g = torch.Generator().manual_seed(topo.coord("dp"))
+        data = torch.randint(0, 64, (ACCUM, MICRO, SEQ + 1), generator=g)
+        with comm.LEDGER.capture():
+            engine.train_step([(d[:, :-1], d[:, 1:]) for d in data])
+        plan = Plan(cfg, world, tp, ep, micro_batch=MICRO, seq_len=SEQ, micro_batches=ACCUM, precision="fp32",
+                    checkpointing=ckpt)
+        results.append(((tp, ep, dtd, ckpt), comm.LEDGER.as_dict(), step_comm(plan)))
+    return results
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_predicted_bytes_equal_measured(world, request):
+    for per_rank in request.getfixturevalue(f"world{world}").run(check_predictions, world):
+        for case, measured, predicted in per_rank:
+            assert measured == predicted, (case, measured, predicted)
