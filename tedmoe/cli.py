@@ -45,6 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
     prep.add_argument("--val-fraction", type=float, default=0.05)
 
+    pn = sub.add_parser("plan", help="rank the layouts of a model on a cluster by predicted step time")
+    pn.add_argument("--model", default="6.7b", help="1.3b, 2.7b, 6.7b, 13b (paper base models) or a TOML file "
+                    "with a [model] table")
+    pn.add_argument("--experts", type=int, default=16, help="experts per MoE layer (paper models)")
+    pn.add_argument("--gpus", type=int, default=128)
+    pn.add_argument("--hardware", default="summit", help="summit, perlmutter, dgx-a100, dgx-h100 or a TOML file")
+    pn.add_argument("--global-batch", type=int, default=512, help="sequences per step")
+    pn.add_argument("--micro-batch", type=int, default=1)
+    pn.add_argument("--seq-len", type=int, default=2048)
+    pn.add_argument("--memory-gib", type=float, help="memory cap per device (default: the hardware's)")
+    pn.add_argument("--checkpointing", choices=("none", "plain", "cac"), default="cac")
+    pn.add_argument("--no-dtd", action="store_true", help="predict without duplicate token dropping")
+    pn.add_argument("--tp", type=int, help="evaluate only this tensor-parallel degree")
+    pn.add_argument("--ep", type=int, help="evaluate only this expert-parallel degree")
+    pn.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     demo = sub.add_parser("demo", help="TP layers and the TED MoE layer on N ranks checked against one process")
     demo.add_argument("--nproc", type=int, default=4, help="ranks to launch when not already under torchrun")
     return p
@@ -82,6 +98,53 @@ def _generate(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import dataclasses
+    import json
+
+    from tedmoe.config import ModelConfig
+    from tedmoe.configfile import _apply, tomllib
+    from tedmoe.parallel.topology import ParallelDims
+    from tedmoe.planner.hardware import load_hardware
+    from tedmoe.planner.search import GiB, largest_layers, layouts, paper_model, smallest_cluster, table
+
+    hw = load_hardware(args.hardware)
+    if args.model.endswith(".toml"):
+        model = ModelConfig()
+        if not os.path.isfile(args.model):
+            raise ValueError(f"model file {args.model} does not exist")
+        _apply(model, tomllib.loads(open(args.model).read()).get("model", {}), "model.")
+        model.moe.hidden_size = model.hidden_size
+    else:
+        model = paper_model(args.model, args.experts)
+    if args.tp or args.ep:  # an explicit layout: say which constraint it breaks
+        tp, ep = args.tp or 1, args.ep or 1
+        dims = ParallelDims(args.gpus, tp, ep)
+        model.validate(tp, ep)
+        if args.global_batch % (args.micro_batch * dims.dp):
+            raise ValueError(f"global batch {args.global_batch} is not a multiple of micro-batch {args.micro_batch} "
+                             f"x dp {dims.dp}")
+    kw = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "checkpointing": args.checkpointing,
+          "memory_cap": args.memory_gib * GiB if args.memory_gib else None, "dtd": not args.no_dtd}
+    cands = [c for c in layouts(model, args.gpus, hw, args.global_batch, **kw,
+                                max_tp=max(args.tp or 1, hw.gpus_per_node))
+             if (args.tp is None or c.tp == args.tp) and (args.ep is None or c.ep == args.ep)]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(c) for c in cands], indent=2))
+    else:
+        print(f"{args.model} ({model.moe.num_experts} experts) on {args.gpus} x {hw.name}, global batch "
+              f"{args.global_batch} x {args.seq_len} tokens, checkpointing {args.checkpointing}, "
+              f"DTD {'off' if args.no_dtd else 'on'}")
+        print(table(cands))
+    if not any(c.fits for c in cands):
+        smallest = smallest_cluster(model, hw, args.global_batch, **kw)
+        layers = largest_layers(model, args.gpus, hw, args.global_batch, **kw)
+        raise ValueError(f"no layout fits in {(kw['memory_cap'] or hw.memory_bytes) / GiB:.1f} GiB per device; "
+                         + (f"the smallest cluster that fits is {smallest} GPUs" if smallest else "no cluster fits")
+                         + (f"; on {args.gpus} GPUs at most {layers} layers fit" if layers else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:] or launch.launched_argv() or []
@@ -91,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args, argv)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "plot":
             from tedmoe.plots import plot_run
 

@@ -1,0 +1,83 @@
+import itertools
+import subprocess
+import sys
+
+import pytest
+
+from tedmoe.model.transformer import count_parameters
+from tedmoe.parallel.topology import ParallelDims
+from tedmoe.planner.hardware import PRESETS, load_hardware
+from tedmoe.planner.predict import Plan, crosses_nodes, eq5_lower_bound, memory, model_state_bytes, param_counts
+from tedmoe.planner.search import layouts, paper_model
+
+
+@pytest.mark.parametrize("np_base,experts,tp,world", [(1.3e9, 16, 1, 32), (6.7e9, 16, 4, 128), (13e9, 64, 8, 512),
+                                                      (2.7e9, 8, 2, 64)])
+def test_eq5_is_the_model_state_special_case(np_base, experts, tp, world):
+    # MLPs are 2/3 of a block, every other block is MoE, one expert per EP rank
+    got = model_state_bytes(2 * np_base / 3, experts * np_base / 3, tp, experts, world)
+    assert got == pytest.approx(eq5_lower_bound(np_base, experts, tp, world), rel=1e-12)
+
+
+def test_memory_model_states_match_the_formula_for_a_real_model():
+    model = paper_model("6.7b", 16)
+    plan = Plan(model, 128, 4, 16, micro_batch=1, seq_len=2048, precision="fp16")
+    mem = memory(plan)
+    counts = param_counts(model, 4, 16)
+    full = param_counts(model)
+    states = mem["parameters"] + mem["gradients"] + mem["optimizer"]
+    expect = model_state_bytes(full["total"] - full["expert_total"], full["expert_total"], 4, 16, 128)
+    # the formula splits every non-expert parameter over tp; norms and routers are replicated (0.04%)
+    assert states == pytest.approx(expect, rel=1e-3) and states > expect
+    assert counts["expert"] * 4 * 16 == full["expert_total"]
+
+
+def test_param_counts_agree_with_the_model():
+    cfg = paper_model("1.3b", 8)
+    counts = param_counts(cfg)
+    real = count_parameters(cfg)
+    assert (counts["total"], counts["expert_total"]) == (real["total"], real["expert"])
+
+
+def test_search_returns_only_valid_layouts():
+    for name, gpus, hw in itertools.product(("1.3b", "13b"), (24, 64, 96), ("summit", "dgx-a100")):
+        model = paper_model(name, 16)
+        cands = layouts(model, gpus, PRESETS[hw], global_batch=192)
+        assert cands, (name, gpus, hw)
+        for c in cands:
+            dims = ParallelDims(gpus, c.tp, c.ep)  # raises if invalid
+            model.validate(c.tp, c.ep)
+            assert (dims.dp, dims.edp) == (c.dp, c.edp) and 192 % dims.dp == 0
+            assert c.tp <= PRESETS[hw].gpus_per_node
+            assert c.fits == (c.memory["total"] <= PRESETS[hw].memory_bytes)
+        fitting = [c.time["total"] for c in cands if c.fits]
+        assert fitting == sorted(fitting)
+
+
+def test_which_axes_cross_nodes():
+    model = paper_model("1.3b", 16)
+    assert crosses_nodes(Plan(model, 24, 4, 2), "tp", 6)  # groups [4..7] straddle Summit's nodes of 6
+    assert not crosses_nodes(Plan(model, 24, 2, 1), "tp", 6)
+    assert not crosses_nodes(Plan(model, 32, 8, 1), "tp", 8) and crosses_nodes(Plan(model, 32, 8, 1), "dp", 8)
+
+
+def test_hardware_from_toml(tmp_path):
+    (tmp_path / "mine.toml").write_text("gpus_per_node = 4\npeak_flops = 1e15\nmemory_bytes = 8e10\n"
+                                        "intra_bw_gbps = 900\ninter_bw_gbps = 100\n")
+    hw = load_hardware(str(tmp_path / "mine.toml"))
+    assert (hw.name, hw.intra_bw, hw.inter_bw) == ("mine", 900e9, 100e9)
+    with pytest.raises(ValueError, match="unknown hardware 'tpu'"):
+        load_hardware("tpu")
+
+
+def _plan(*args):
+    return subprocess.run([sys.executable, "-m", "tedmoe.cli", "plan", *args], capture_output=True, text=True)
+
+
+def test_plan_cli_table_and_errors():
+    out = _plan("--model", "1.3b", "--gpus", "32", "--hardware", "dgx-a100")
+    assert out.returncode == 0 and "tp  ep   dp" in out.stdout and " yes " in out.stdout
+    out = _plan("--model", "1.3b", "--gpus", "32", "--tp", "3")
+    assert out.returncode == 2 and "tp=3 does not divide world_size=32" in out.stderr
+    out = _plan("--model", "6.7b", "--gpus", "8", "--hardware", "summit", "--global-batch", "64")
+    assert out.returncode == 2 and "no layout fits" in out.stderr and "the smallest cluster that fits is" in out.stderr
