@@ -124,7 +124,7 @@ class ModelConfig:
     def is_moe_layer(self, index: int) -> bool:
         return self.moe_every > 0 and (index + 1) % self.moe_every == 0
 
-    def validate(self, tp: int = 1, ep: int = 1) -> None:
+    def validate(self, tp: int = 1, ep: int = 1, sp: int = 1) -> None:
         """Raise ``ValueError`` for a setting that cannot work with these degrees."""
         if self.moe.hidden_size != self.hidden_size:
             raise ValueError(f"moe.hidden_size={self.moe.hidden_size} differs from hidden_size={self.hidden_size}; "
@@ -138,6 +138,13 @@ class ModelConfig:
             if value % tp:
                 raise ValueError(f"{name}={value} is not divisible by tp={tp}; "
                                  f"use a multiple of {tp} or a tp that divides {value}")
+        if (self.num_heads // tp) % sp:
+            raise ValueError(f"num_heads / tp = {self.num_heads // tp} heads per TP rank is not divisible by sp={sp}; "
+                             "Ulysses splits heads over sp: pick sp dividing it, or more heads")
+        kv = self.kv_heads // tp
+        if kv % sp and sp % kv:
+            raise ValueError(f"num_kv_heads / tp = {kv} kv heads per TP rank and sp={sp}: one must divide the other "
+                             "(kv heads are replicated up to sp)")
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError(f"head dim {self.hidden_size // self.num_heads} must be even for rotary embeddings")
         if any(self.is_moe_layer(i) for i in range(self.num_layers)):
@@ -196,7 +203,9 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (innermost axis; keep it inside a node)."""
     ep: int = 1
-    """Expert-parallel degree; divides ``dp = world_size / tp`` and ``num_experts``."""
+    """Expert-parallel degree; divides ``dp x sp = world_size / tp`` and ``num_experts``."""
+    sp: int = 1
+    """Sequence-parallel degree (DeepSpeed-Ulysses); divides ``seq_len`` and the heads per TP rank."""
     nproc: int = 1
     """Ranks ``tedmoe train`` launches itself when not already started by torchrun or SLURM."""
     backend: str | None = None
@@ -275,8 +284,10 @@ class RunConfig:
         """Every check that needs no process group; raises ``ValueError`` naming the fix."""
         from tedmoe.parallel.topology import ParallelDims
 
-        dims = ParallelDims(world_size, self.parallel.tp, self.parallel.ep)
-        self.model.validate(dims.tp, dims.ep)
+        dims = ParallelDims(world_size, self.parallel.tp, self.parallel.ep, self.parallel.sp)
+        self.model.validate(dims.tp, dims.ep, dims.sp)
+        if self.seq_len % dims.sp:
+            raise ValueError(f"seq_len={self.seq_len} is not divisible by sp={dims.sp}; use a multiple of {dims.sp}")
         self.train.validate()
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "

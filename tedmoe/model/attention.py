@@ -11,6 +11,7 @@ from torch import nn
 
 from tedmoe.config import ModelConfig
 from tedmoe.parallel import comm
+from tedmoe.parallel.sequence_parallel import heads_to_seq, kv_replication, seq_to_heads
 from tedmoe.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from tedmoe.parallel.topology import Topology
 
@@ -22,22 +23,25 @@ def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tens
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x_BNTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dim by each position's angle."""
-    x1, x2 = x_BNTD.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos_TD - x2 * sin_TD, x1 * sin_TD + x2 * cos_TD], dim=-1)
-    return out.to(x_BNTD.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the last dim by each position's angle
+    (``cos``/``sin`` broadcast against ``x``)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Heads split over ``tp``: q, k, v column-parallel (one copy into the region), output row-parallel."""
+    """Heads split over ``tp``: q, k, v column-parallel (one copy into the region), output
+    row-parallel. With ``sp > 1`` (Ulysses) the input is this rank's chunk of every sequence:
+    q, k, v are exchanged for a head shard of the full sequence around the attention kernel."""
 
     def __init__(self, config: ModelConfig, topology: Topology, device=None, dtype=None):
         super().__init__()
-        tp = topology.axis("tp")
+        tp, sp = topology.axis("tp"), topology.axis("sp")
         H, N, G = config.hidden_size, config.num_heads, config.kv_heads
-        self.tp, self.head_dim = tp, H // N
+        self.tp, self.sp, self.head_dim = tp, sp, H // N
         self.local_heads, self.local_kv_heads = N // tp.size, G // tp.size
+        self.kv_repeat = kv_replication(self.local_kv_heads, sp.size)
         kw = {"device": device, "dtype": dtype, "bias": False, "copy_input": False}
         self.q = ColumnParallelLinear(H, N * self.head_dim, tp, **kw)
         self.k = ColumnParallelLinear(H, G * self.head_dim, tp, **kw)
@@ -47,15 +51,17 @@ class Attention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x_BTH: torch.Tensor, positions_T: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x_BTH.shape
-        pos = torch.arange(T, device=x_BTH.device) if positions_T is None else positions_T
-        cos, sin = self.cos[pos], self.sin[pos]
-        x = comm.copy_to_region(x_BTH, self.tp)
-        q = self.q(x).view(B, T, self.local_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.local_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.local_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.local_kv_heads != self.local_heads)
-        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+    def forward(self, x_BtH: torch.Tensor) -> torch.Tensor:
+        B, t, _ = x_BtH.shape
+        pos = self.sp.rank * t + torch.arange(t, device=x_BtH.device)  # global positions of this chunk
+        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        x = comm.copy_to_region(x_BtH, self.tp)
+        q = apply_rotary(self.q(x).view(B, t, self.local_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k(x).view(B, t, self.local_kv_heads, self.head_dim), cos, sin)
+        v = self.v(x).view(B, t, self.local_kv_heads, self.head_dim)
+        if self.kv_repeat > 1:
+            k, v = k.repeat_interleave(self.kv_repeat, dim=2), v.repeat_interleave(self.kv_repeat, dim=2)
+        q, k, v = (seq_to_heads(z, self.sp).transpose(1, 2) for z in (q, k, v))  # [B, heads, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        y = heads_to_seq(y.transpose(1, 2), self.sp)  # [B, t, local heads, D]
+        return self.o(y.reshape(B, t, -1))

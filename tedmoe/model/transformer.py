@@ -74,12 +74,13 @@ class Block(nn.Module):
 class GPTMoE(nn.Module):
     """``forward(ids [B, T], targets [B, T])`` returns ``(loss, parts)``: the training loss
     (mean cross-entropy over non-ignored targets + weighted mean aux and z losses) and its
-    parts, detached, for logging."""
+    parts, detached, for logging. With ``sp > 1`` the inputs are this rank's chunk of each
+    sequence and the loss is this rank's share: the SP ranks' losses sum to the sequence's."""
 
     def __init__(self, config: ModelConfig, topology: Topology, device=None, dtype=None,
                  checkpointing: str = "none"):
         super().__init__()
-        config.validate(topology.size("tp"), topology.size("ep"))
+        config.validate(topology.size("tp"), topology.size("ep"), topology.size("sp"))
         self.config, self.topology, self.checkpointing = config, topology, checkpointing
         tp, kw = topology.axis("tp"), {"device": device, "dtype": dtype}
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, **kw)
@@ -127,7 +128,11 @@ class GPTMoE(nn.Module):
         logits = self.head(self.norm(x))
         per_token = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), self.topology.axis("tp"),
                                                  ignore_index)
-        ce = per_token.sum() / (targets_BT != ignore_index).sum().clamp(min=1)
+        # normalised by the whole sequence's token count: with sp > 1 the SP ranks' losses sum to it
+        valid = (targets_BT != ignore_index).sum()
+        if self.topology.size("sp") > 1:
+            valid = comm.all_reduce(valid, self.topology.axis("sp"))
+        ce = per_token.sum() / valid.clamp(min=1)
         loss = ce
         parts = {"ce": ce.detach()}
         if aux:

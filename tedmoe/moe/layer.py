@@ -32,7 +32,7 @@ class MoE(nn.Module):
         super().__init__()
         config.validate(topology.size("tp"), topology.size("ep"))
         self.config = config
-        self.router = Router(config, device=device, dtype=dtype)
+        self.router = Router(config, device=device, dtype=dtype, sp=topology.axis("sp"))
         self.experts = GroupedExperts(config, topology, device=device, dtype=dtype)
         self.dispatcher = TEDDispatcher(config.num_experts, config.top_k, topology, config.dtd)
 

@@ -16,6 +16,7 @@ from torch import nn
 from tedmoe.config import MoEConfig
 from tedmoe.parallel import comm
 from tedmoe.parallel.sharding import mark
+from tedmoe.parallel.topology import Axis
 
 
 @dataclass
@@ -65,9 +66,9 @@ def assign_slots(expert_P: torch.Tensor, priority_P: torch.Tensor, num_experts: 
 class Router(nn.Module):
     """Bias-free linear gate computed in fp32, then top-k and capacity."""
 
-    def __init__(self, config: MoEConfig, device=None, dtype=None):
+    def __init__(self, config: MoEConfig, device=None, dtype=None, sp: Axis | None = None):
         super().__init__()
-        self.config = config
+        self.config, self.sp = config, sp
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
         mark(self.weight)  # replicated on every rank of a TP group
@@ -109,6 +110,12 @@ class Router(nn.Module):
         slot_SK = slot_P.view(K, S).t().contiguous()
         kept_E = routed_E if capacity is None else routed_E.clamp(max=capacity)
 
-        aux = E * torch.sum(routed_E.float() / (S * K) * probs_SE.mean(dim=0))
-        z = torch.logsumexp(logits_SE, dim=-1).square().mean()
+        # Under sequence parallelism the losses are over the whole sequence: the routed fractions
+        # f_e are counted over every SP rank (no gradient flows through them) and the probability
+        # and z terms are this rank's share, so the SP ranks' losses sum to the full-sequence loss.
+        routed_all, S_all = routed_E, S
+        if self.sp is not None and self.sp.size > 1:
+            routed_all, S_all = comm.all_reduce(routed_E, self.sp), S * self.sp.size
+        aux = E * torch.sum(routed_all.float() / (S_all * K) * probs_SE.sum(dim=0) / S_all)
+        z = torch.logsumexp(logits_SE, dim=-1).square().sum() / S_all
         return Routing(expert_SK, gate_SK, slot_SK, capacity, kept_E, (slot_P < 0).sum(), aux, z)

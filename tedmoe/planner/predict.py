@@ -105,7 +105,7 @@ def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
     _merge(out, micro, plan.micro_batches)
     _add(out, "metrics", "all_reduce", "dp", d.dp, 4 if n_moe else 2, 4)
     counts = param_counts(m, t, d.ep)
-    for key, axis in (("non_expert", "dp"), ("expert", "edp")):
+    for key, axis in (("non_expert", "dp"), ("expert", "edp")):  # "dsp" is named "dp" without SP
         n = d.size(axis)
         if counts[key] and n > 1:
             shard = math.ceil(counts[key] / n)

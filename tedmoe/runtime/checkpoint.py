@@ -55,7 +55,7 @@ def _wrap(local: torch.Tensor, param: torch.Tensor, topology: Topology):
     tp = Shard(tp_dim(param)) if tp_dim(param) is not None else Replicate()
     if is_expert(param):
         return DTensor.from_local(local, topology.expert_mesh, [Replicate(), Shard(param.ep_dim), tp], run_check=False)
-    return DTensor.from_local(local, topology.mesh, [Replicate(), tp], run_check=False)
+    return DTensor.from_local(local, topology.mesh, [Replicate(), Replicate(), tp], run_check=False)
 
 
 def _state(model, optimizer, topology: Topology) -> tuple[dict, list]:

@@ -17,7 +17,8 @@ class Engine:
     """Trains a model whose ``forward(ids, targets)`` returns ``(loss, parts)``.
 
     ``train_step`` takes this rank's micro-batches (its DP shard of the global batch, split
-    for accumulation); the result equals one single-process step on the whole global batch.
+    for accumulation, and with ``sp > 1`` its chunk of every sequence); the result equals one
+    single-process step on the whole global batch.
     """
 
     def __init__(self, model: nn.Module, topology: Topology, config: TrainConfig):
@@ -35,7 +36,7 @@ class Engine:
         out = {}
         for name, p in self.model.named_parameters():
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            g = comm.all_reduce(g.float(), self.topology.axis("edp" if is_expert(p) else "dp")) * scale
+            g = comm.all_reduce(g.float(), self.topology.axis("edp" if is_expert(p) else "dsp")) * scale
             out[name] = full_of(g, p, self.topology)
         return out
 
@@ -62,7 +63,7 @@ class Engine:
                 drops = step_drop if drops is None else drops + step_drop
         names = sorted(sums)
         with comm.LEDGER.phase("metrics"):
-            means = comm.all_reduce(torch.stack([sums[k] for k in names]), self.topology.axis("dp"))
+            means = comm.all_reduce(torch.stack([sums[k] for k in names]), self.topology.axis("dsp"))
         means = means / (len(micro_batches) * self.topology.size("dp"))
         out = {k: means[i].item() for i, k in enumerate(names)}
         out.update(self.optimizer.step(len(micro_batches)))

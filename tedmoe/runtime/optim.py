@@ -1,7 +1,8 @@
 """ZeRO-1 AdamW with the tiled step, exact global-norm clipping and fp16 loss scaling.
 
-Parameters form two groups: non-expert (gradients reduced and states sharded over ``dp``)
-and expert (over ``edp``). Each group is one flat, padded buffer; this rank owns the slice
+Parameters form two groups: non-expert (gradients reduced and states sharded over ``dsp``,
+the data x sequence-parallel ranks, which is ``dp`` without sequence parallelism) and expert
+(over ``edp``). Each group is one flat, padded buffer; this rank owns the slice
 ``[rank * shard, (rank + 1) * shard)`` of it along the group's axis and keeps its fp32 master
 weights and Adam moments. A step:
 
@@ -152,7 +153,7 @@ class ZeroAdamW:
         self.config, self.topology = config, topology
         params = [p for p in model.parameters() if p.requires_grad]
         tp = topology.axis("tp")
-        self.groups = [FlatShard([p for p in params if not is_expert(p)], topology.axis("dp"), tp),
+        self.groups = [FlatShard([p for p in params if not is_expert(p)], topology.axis("dsp"), tp),
                        FlatShard([p for p in params if is_expert(p)], topology.axis("edp"), tp)]
         self.loss_scale = config.initial_loss_scale if config.precision == "fp16" else 1.0
         self.good_steps = 0
@@ -172,7 +173,8 @@ class ZeroAdamW:
         c = self.config
         with comm.LEDGER.phase("step"):
             grads = [g.reduce_grads() for g in self.groups]
-            # mean over the global batch (dp ranks x micro-batches) and undo the loss scale
+            # mean over the global batch (dp ranks x micro-batches; SP ranks' losses add up to a
+            # sequence's) and undo the loss scale
             scale = 1.0 / (self.topology.size("dp") * num_micro_batches * self.loss_scale)
             sq = sum(g.sq_norm(gr, scale) for g, gr in zip(self.groups, grads))
             norm = math.sqrt(comm.all_reduce(sq, self.topology.axis("world")).item())

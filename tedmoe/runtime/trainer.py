@@ -67,18 +67,24 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool) -> None:
             ckpt.verify(found)
 
 
+def seq_chunks(micro_batches: list, topo: Topology) -> list:
+    """This SP rank's chunk of every sequence (the identity without sequence parallelism)."""
+    sp = topo.axis("sp")
+    return [(i.chunk(sp.size, 1)[sp.rank], t.chunk(sp.size, 1)[sp.rank]) for i, t in micro_batches]
+
+
 def _val_loss(model, sampler: BatchSampler, topo: Topology, micro: int, batches: int) -> float:
     model.eval()
     total = torch.zeros(1)
     with torch.no_grad():
         for i in range(batches):
             sampler.step = i
-            for ids, targets in sampler.micro_batches(topo.size("dp"), topo.coord("dp"), micro):
+            for ids, targets in seq_chunks(sampler.micro_batches(topo.size("dp"), topo.coord("dp"), micro), topo):
                 total += model(ids, targets)[0].float()
     model.train()
     per_rank = batches * (sampler.global_batch // topo.size("dp") // micro)
-    with comm.LEDGER.phase("eval"):
-        return comm.all_reduce(total, topo.axis("dp")).item() / (per_rank * topo.size("dp"))
+    with comm.LEDGER.phase("eval"):  # SP ranks' losses add up to a sequence's: sum over dsp, mean over dp
+        return comm.all_reduce(total, topo.axis("dsp")).item() / (per_rank * topo.size("dp"))
 
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
@@ -92,7 +98,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if world > 1:
         launch.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
         dist.barrier()  # rank 0 has the data ready
-    topo = Topology(world, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+    topo = Topology(world, tp=cfg.parallel.tp, ep=cfg.parallel.ep, sp=cfg.parallel.sp)
     path = data_dir(cfg)
     train_ds, val_ds = TokenDataset(path, "train", verify=False), TokenDataset(path, "val", verify=False)
     model = GPTMoE(cfg.model, topo, checkpointing=cfg.train.checkpointing)
@@ -124,7 +130,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     for step in range(start + 1, last + 1):
         t0 = time.perf_counter()
         with comm.LEDGER.capture():
-            metrics = engine.train_step(sampler.micro_batches(dp, dp_rank, micro))
+            metrics = engine.train_step(seq_chunks(sampler.micro_batches(dp, dp_rank, micro), topo))
             by_kind = {k: comm.LEDGER.total(kind=k).bytes for k in comm.KINDS if comm.LEDGER.total(kind=k).calls}
         seconds = time.perf_counter() - t0
         record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
@@ -137,7 +143,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
             meta = {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict(), "world_size": world,
-                    "layout": {"tp": topo.size("tp"), "ep": topo.size("ep"), "dp": dp}}
+                    "layout": {"tp": topo.size("tp"), "ep": topo.size("ep"), "dp": dp, **(
+                        {"sp": topo.size("sp")} if topo.size("sp") > 1 else {})}}
             saved = ckpt.save_checkpoint(out / "checkpoints", step, model, engine.optimizer, topo, meta,
                                          cfg.keep_checkpoints)
             if rank == 0:
@@ -148,7 +155,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if cfg.export and last == cfg.train.max_steps:
         export(model, topo, cfg, out)
     if rank == 0 and record:
-        layout = f"TP {topo.size('tp')} x EP {topo.size('ep')} x DP {dp}"
+        layout = f"TP {topo.size('tp')} x EP {topo.size('ep')} x DP {dp}" + (
+            f" x SP {topo.size('sp')}" if topo.size("sp") > 1 else "")
         print(summary(read_metrics(out), out, world, layout), flush=True)
     if world > 1:
         dist.barrier()

@@ -42,27 +42,33 @@ def micro_batches(step, dp=1, dp_rank=0):
     return mbs[dp_rank * per:(dp_rank + 1) * per]
 
 
-def build(topology, train_cfg, checkpointing="none"):
-    model = GPTMoE(model_config(), topology, checkpointing=checkpointing)
+def build(topology, train_cfg, checkpointing="none", model_cfg=None):
+    model = GPTMoE(model_cfg or model_config(), topology, checkpointing=checkpointing)
     model.init_weights(seed=0)
     return Engine(model, topology, train_cfg)
 
 
-def run(topology, train_cfg, checkpointing="none", steps=STEPS):
+def rank_batches(step, topology):
+    """This rank's micro-batches: its DP share, and with sp > 1 its chunk of every sequence."""
+    sp = topology.axis("sp")
+    return [(i.chunk(sp.size, 1)[sp.rank], t.chunk(sp.size, 1)[sp.rank])
+            for i, t in micro_batches(step, topology.size("dp"), topology.coord("dp"))]
+
+
+def run(topology, train_cfg, checkpointing="none", steps=STEPS, model_cfg=None):
     """(first-step loss, its full synchronised gradients, the (loss, grad norm) of ``steps`` steps)."""
-    dp, dp_rank = topology.size("dp"), topology.coord("dp")
-    engine = build(topology, train_cfg, checkpointing)
-    mbs = micro_batches(0, dp, dp_rank)
+    engine = build(topology, train_cfg, checkpointing, model_cfg)
+    mbs = rank_batches(0, topology)
     loss_sum = torch.zeros(1)
     for ids, targets in mbs:
         loss, _ = engine.model(ids, targets)
         loss.backward()
         loss_sum += loss.detach()
-    first = comm.all_reduce(loss_sum, topology.axis("dp")).item() / MICRO_BATCHES
+    first = comm.all_reduce(loss_sum, topology.axis("dsp")).item() / MICRO_BATCHES
     grads = engine.full_gradients(len(mbs))
     curve = [(first, engine.optimizer.step(len(mbs))["grad_norm"])]
     for s in range(1, steps):
-        out = engine.train_step(micro_batches(s, dp, dp_rank))
+        out = engine.train_step(rank_batches(s, topology))
         curve.append((out["loss"], out["grad_norm"]))
     return first, grads, curve
 
