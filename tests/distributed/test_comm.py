@@ -104,7 +104,7 @@ def check_ledger_axis_groups():
     """Collectives really run inside the right groups of the (2,2,2) grid on 8 ranks."""
     topo = Topology(8, tp=2, ep=2)
     rank = dist.get_rank()
-    for name in ("tp", "dp", "ep", "edp", "world"):
+    for name in ("tp", "dp", "ep", "edp", "sp", "dsp", "world"):
         got = comm.all_gather(torch.tensor([rank]), topo.axis(name)).tolist()
         assert got == list(topo.axis(name).ranks), (name, got)
     return topo.coords
@@ -131,4 +131,4 @@ def test_ledger_exact_bytes(world4):
 
 def test_groups_on_eight_ranks(world8):
     coords = world8.run(check_ledger_axis_groups)
-    assert coords[5] == {"dp": 2, "tp": 1, "ep": 0, "edp": 1, "world": 5}
+    assert coords[5] == {"dp": 2, "tp": 1, "ep": 0, "edp": 1, "sp": 0, "dsp": 2, "world": 5}
