@@ -1,0 +1,121 @@
+"""Ulysses sequence parallelism vs a Megatron-style sequence-parallel baseline, per attention layer.
+
+Reproduce:  .venv/bin/python benchmarks/sequence_parallel.py        (launches 8 CPU ranks itself)
+
+For P = 2, 4, 8 with the sequence growing with P (T = 512 P): bytes each rank sends in one
+forward + backward of one attention layer, from the communication ledger. Ulysses: all-to-alls
+of q, k, v and the output. Baseline: all-gather the sequence, heads split over the same P ranks
+(column-parallel q, k, v, row-parallel output), reduce-scatter back to sequence chunks. Then, at a
+fixed T = 4096, the activation memory one attention layer saves for backward per rank (exact
+count of saved tensors). Prints tables on rank 0, writes benchmarks/results/sequence_parallel.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tedmoe.config import ModelConfig
+from tedmoe.model.attention import Attention, apply_rotary
+from tedmoe.parallel import comm, launch
+from tedmoe.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from tedmoe.parallel.topology import Topology
+
+H, HEADS, B = 256, 8, 1
+
+
+class MegatronSPAttention(nn.Module):
+    """All-gather the sequence over ``sp``, attention with heads split over the same ranks,
+    reduce-scatter the output back into sequence chunks."""
+
+    def __init__(self, cfg: ModelConfig, topo: Topology):
+        super().__init__()
+        sp = self.sp = topo.axis("sp")
+        self.heads, self.d = HEADS // sp.size, H // HEADS
+        self.q, self.k, self.v = (ColumnParallelLinear(H, H, sp, bias=False, copy_input=False) for _ in range(3))
+        self.o = RowParallelLinear(H, H, sp, bias=False, reduce_output=False)
+        ref = Attention(cfg, Topology.single())
+        self.cos, self.sin = ref.cos, ref.sin
+
+    def forward(self, x_BtH):
+        x = comm.gather_along(x_BtH, self.sp, 1)  # [B, T, H]; backward reduce-scatters
+        T = x.shape[1]
+        cos, sin = self.cos[:T].unsqueeze(1), self.sin[:T].unsqueeze(1)
+        q, k, v = (f(x).view(B, T, self.heads, self.d) for f in (self.q, self.k, self.v))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        y = self.o(y.transpose(1, 2).reshape(B, T, -1))
+        return comm.reduce_scatter_along(y, self.sp, 1)
+
+
+def sent(layer, x) -> int:
+    x = x.clone().requires_grad_(True)
+    with comm.LEDGER.capture():
+        layer(x).sum().backward()
+    return comm.LEDGER.total().bytes
+
+
+def saved_bytes(layer, x) -> int:
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x.clone().requires_grad_(True))
+    return sum(seen.values())
+
+
+def main() -> int:
+    if not launch.launched():
+        from torch.distributed import run
+
+        run.run(run.parse_args(["--standalone", "--nproc-per-node=8", __file__, *sys.argv[1:]]))
+        return 0
+    launch.init_distributed()
+    rows, memory = [], []
+    for P in (2, 4, 8):
+        T = 512 * P
+        cfg = ModelConfig(vocab_size=64, hidden_size=H, num_layers=1, num_heads=HEADS, max_seq_len=T)
+        topo = Topology(8, sp=P)
+        x = torch.randn(B, T // P, H)
+        rows.append({"P": P, "seq_len": T, "ulysses_bytes": sent(Attention(cfg, topo), x),
+                     "megatron_sp_bytes": sent(MegatronSPAttention(cfg, topo), x)})
+    T = 4096
+    cfg = ModelConfig(vocab_size=64, hidden_size=H, num_layers=1, num_heads=HEADS, max_seq_len=T)
+    for P in (1, 2, 4, 8):
+        topo = Topology(8, sp=P) if P > 1 else Topology.single()
+        memory.append({"P": P, "seq_len": T, "saved_bytes": saved_bytes(Attention(cfg, topo), torch.randn(B, T // P, H))})
+    if dist.get_rank() == 0:
+        print(f"one attention layer, H={H}, {HEADS} heads, batch {B}, fp32; bytes sent per rank, forward + backward")
+        print(f"{'P':>3} {'seq':>6} {'Ulysses MB':>11} {'Megatron-SP MB':>15} {'ratio':>6}")
+        for r in rows:
+            r["ratio"] = r["megatron_sp_bytes"] / r["ulysses_bytes"]
+            print(f"{r['P']:>3} {r['seq_len']:>6} {r['ulysses_bytes'] / 2**20:>11.2f} "
+                  f"{r['megatron_sp_bytes'] / 2**20:>15.2f} {r['ratio']:>6.2f}")
+        print(f"\nactivations saved for backward per rank, T={T}")
+        print(f"{'P':>3} {'MB':>8} {'x P / (P=1)':>12}")
+        for m in memory:
+            m["relative_times_P"] = m["saved_bytes"] * m["P"] / memory[0]["saved_bytes"]
+            print(f"{m['P']:>3} {m['saved_bytes'] / 2**20:>8.2f} {m['relative_times_P']:>12.2f}")
+        out = Path(__file__).parent / "results" / "sequence_parallel.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "bytes": rows,
+                                   "activations": memory}, indent=2))
+        print(f"wrote {out}")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
