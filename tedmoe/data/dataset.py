@@ -7,7 +7,6 @@ tokens), ``tokenizer.json`` and ``meta.json`` (counts, dtype and a checksum of e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sysconfig
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from tedmoe.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from tedmoe.fileio import sha256_file
 
 
 def embedded_corpus_files(max_bytes: int) -> list[str]:
@@ -34,14 +34,6 @@ def embedded_corpus_files(max_bytes: int) -> list[str]:
     if not files:
         raise ValueError(f"no Python sources found under {root} for the embedded corpus; pass data.path")
     return files
-
-
-def _checksum(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prepare(inputs: list[str], out_dir: str | Path, tokenizer: str = "byte", bpe_vocab_size: int = 2048,
@@ -73,7 +65,7 @@ def prepare(inputs: list[str], out_dir: str | Path, tokenizer: str = "byte", bpe
     meta = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "files": len(files)}
     for split, ids in (("train", train), ("val", val)):
         np.asarray(ids, dtype=dtype).tofile(tmp / f"{split}.bin")
-        meta[split] = {"tokens": len(ids), "sha256": _checksum(tmp / f"{split}.bin")}
+        meta[split] = {"tokens": len(ids), "sha256": sha256_file(tmp / f"{split}.bin")}
     tok.save(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
@@ -101,7 +93,7 @@ class TokenDataset:
         if path.stat().st_size != expect:
             raise ValueError(f"{path} has {path.stat().st_size} bytes, meta.json says {expect}: the file is "
                              "truncated or replaced; prepare the data again")
-        if verify and _checksum(path) != meta[split]["sha256"]:
+        if verify and sha256_file(path) != meta[split]["sha256"]:
             raise ValueError(f"{path} does not match its checksum in meta.json: the file is corrupted; "
                              "prepare the data again")
         self.meta, self.vocab_size = meta, meta["vocab_size"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from tedmoe.fileio import sha256_file, write_atomic
 from tedmoe.parallel.sharding import is_expert, tp_dim
 from tedmoe.parallel.topology import Topology
 
@@ -92,30 +92,23 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
     with _quiet():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=topology.world_size == 1)
     if rank0:
-        meta = {**meta, "step": step, "files": {f.name: _sha256(f) for f in sorted(tmp.iterdir())}, "loss_scale": optimizer.loss_scale, "good_steps": optimizer.good_steps,
+        meta = {**meta, "step": step, "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
+                "loss_scale": optimizer.loss_scale, "good_steps": optimizer.good_steps,
                 "optimizer_steps": optimizer.step_count,
                 "router_rng": [base64.b64encode(g.get_state().numpy().tobytes()).decode()
                                for g in _router_generators(model)]}
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     _barrier(topology)
     if rank0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name)
+        write_atomic(root / "latest", final.name)
         complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
         for old in complete[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(topology)
     return final
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(path: str | Path) -> dict:
@@ -125,18 +118,9 @@ def verify(path: str | Path) -> dict:
         f = Path(meta["path"]) / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {meta['path']} is incomplete: {name} is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"checkpoint {meta['path']} is corrupted: {name} does not match its checksum")
     return meta
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
