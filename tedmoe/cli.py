@@ -177,10 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         if launch.launched():
             launch.init_distributed()
         return demo.main()
-    except (ValueError, FileNotFoundError) as err:  # user errors: one line, no traceback
-        rank = os.environ.get("RANK")
-        print(f"tedmoe: error: {err}" if rank in (None, "0") else "", file=sys.stderr, end="\n" if rank in (None, "0") else "")
-        return 2
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # one line, no traceback
+        if os.environ.get("RANK") in (None, "0"):
+            print(f"tedmoe: error: {err}", file=sys.stderr)
+        return 3 if isinstance(err, FloatingPointError) else 2
+    except RuntimeError as err:  # a peer died or a collective timed out: say so in one line
+        if launch.launched():
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            print(f"tedmoe: rank {os.environ.get('RANK')}: {first}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

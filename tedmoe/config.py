@@ -179,6 +179,9 @@ class TrainConfig:
     """fp16 only: steps without overflow before the scale doubles."""
     tile_size: int | None = 1 << 20
     """Elements per tile of the optimizer step (``None``: the whole shard at once)."""
+    max_bad_steps: int = 0
+    """Steps in a row whose gradients are NaN or infinite (bf16/fp32) that are skipped before
+    the run stops; fp16 overflow is handled by the loss scale instead."""
     checkpointing: Literal["none", "plain", "cac"] = "none"
     """Activation checkpointing per block: off, plain (collectives run again in the
     recompute) or communication-aware (collective outputs stashed and replayed)."""
@@ -192,6 +195,8 @@ class TrainConfig:
             raise ValueError(f"tile_size={self.tile_size} must be >= 1, or None for an untiled step")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be > 0, or None to disable clipping")
+        if self.max_bad_steps < 0:
+            raise ValueError(f"max_bad_steps={self.max_bad_steps} must be >= 0")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}")
 

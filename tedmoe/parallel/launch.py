@@ -34,15 +34,25 @@ def launched() -> bool:
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``python -m tedmoe.cli ARGV`` on ``nproc`` local ranks through torch.distributed.run.
     ARGV travels in the environment (``TEDMOE_ARGV``) so torchrun's own options never clash."""
+    import logging
+    import signal
+
     from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["TEDMOE_ARGV"] = json.dumps(argv)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # our own summary follows
     args = run.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "tedmoe.cli"])
     try:
         run.run(args)
-    except Exception as err:  # torchrun has printed the failing rank's error already
-        print(f"tedmoe: {type(err).__name__}: launch of {nproc} ranks failed", file=sys.stderr)
+    except ChildFailedError as err:  # the agent stopped every other rank; name the first to fail
+        first_rank, first = err.get_first_failure()
+        how = (f"was killed by {signal.Signals(-first.exitcode).name}" if first.exitcode < 0
+               else f"exited with code {first.exitcode}")
+        others = sorted(r for r in err.failures if r != first_rank)
+        print(f"tedmoe: error: rank {first_rank} {how}; the run stopped"
+              + (f" (ranks {others} failed after it)" if others else ""), file=sys.stderr)
         return 1
     return 0
 

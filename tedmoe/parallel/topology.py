@@ -149,7 +149,8 @@ class Topology:
     is initialised (unless ``world_size == 1``). Degrees are validated before any group is created.
     """
 
-    def __init__(self, world_size: int, tp: int = 1, ep: int = 1, sp: int = 1, *, device_type: str | None = None):
+    def __init__(self, world_size: int, tp: int = 1, ep: int = 1, sp: int = 1, *, device_type: str | None = None,
+                 timeout_s: float | None = None):
         self.dims = ParallelDims(world_size, tp, ep, sp)
         self.device_type = device_type or _default_device_type()
         self.mesh = self.expert_mesh = self.token_mesh = None
@@ -170,11 +171,15 @@ class Topology:
 
             self.rank = dist.get_rank()
             d, ranks = self.dims, torch.arange(world_size)
-            self.mesh = DeviceMesh(self.device_type, ranks.reshape(d.grid_shape(DENSE_GRID)), mesh_dim_names=DENSE_GRID)
-            self.expert_mesh = DeviceMesh(self.device_type, ranks.reshape(d.grid_shape(EXPERT_GRID)),
-                                          mesh_dim_names=EXPERT_GRID)
-            self.token_mesh = (DeviceMesh(self.device_type, ranks.reshape(d.tokens, d.tp), mesh_dim_names=("dsp", "tp"))
-                               if sp > 1 else None)
+            opts = _group_options(timeout_s)
+
+            def mesh(shape, names):
+                override = {"backend_override": (opts,) * len(names)} if opts else {}
+                return DeviceMesh(self.device_type, ranks.reshape(shape), mesh_dim_names=names, **override)
+
+            self.mesh = mesh(d.grid_shape(DENSE_GRID), DENSE_GRID)
+            self.expert_mesh = mesh(d.grid_shape(EXPERT_GRID), EXPERT_GRID)
+            self.token_mesh = mesh((d.tokens, d.tp), ("dsp", "tp")) if sp > 1 else None
         self.coords = self.dims.coords(self.rank)
         self._axes = {a: self._make_axis(a) for a in ALL_AXES}
 
@@ -226,6 +231,24 @@ class Topology:
         d = self.dims
         return (f"Topology(world_size={d.world_size}, tp={d.tp}, ep={d.ep}, sp={d.sp}, dp={d.dp}, edp={d.edp}, "
                 f"rank={self.rank})")
+
+
+def _group_options(timeout_s: float | None):
+    """(backend, options) that give every mesh sub-group the run's collective timeout (sub-groups
+    otherwise get torch's default of 10 to 30 minutes, whatever the world group was given)."""
+    if timeout_s is None:
+        return None
+    from datetime import timedelta
+
+    backend = dist.get_backend()
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+    else:
+        return None
+    opts._timeout = timedelta(seconds=timeout_s)
+    return backend, opts
 
 
 def _default_device_type() -> str:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tedmoe.fileio import sha256_file, write_atomic
+from tedmoe.runtime import faults
 from tedmoe.parallel.sharding import is_expert, tp_dim
 from tedmoe.parallel.topology import Topology
 
@@ -91,6 +92,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
     state, _ = _state(model, optimizer, topology)
     with _quiet():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=topology.world_size == 1)
+    faults.maybe_fail("save", topology.rank, step)
     if rank0:
         meta = {**meta, "step": step, "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
                 "loss_scale": optimizer.loss_scale, "good_steps": optimizer.good_steps,

@@ -26,6 +26,23 @@ class Engine:
         self.model, self.topology, self.config = model, topology, config
         model.to(DTYPES[config.precision])
         self.optimizer = ZeroAdamW(model, topology, config)
+        self.poison_next_step = False  # fault injection: the next step's loss becomes NaN
+        self._agreed_shapes = None
+
+    def _check_ranks_agree(self, micro_batches) -> None:
+        """Ranks whose micro-batches differ in count or shape would issue collectives of different
+        sizes (a hang or garbage); compare them once per new shape, before any such collective."""
+        shapes = (len(micro_batches),) + tuple(micro_batches[0][0].shape)
+        if self.topology.world_size == 1 or shapes == self._agreed_shapes:
+            return
+        mine = torch.tensor(shapes + (0,) * (4 - len(shapes)), dtype=torch.int64)
+        with comm.LEDGER.phase("checks"):
+            every = comm.all_gather(mine.unsqueeze(0), self.topology.axis("world")).tolist()
+        if any(row != every[0] for row in every):
+            bad = [r for r, row in enumerate(every) if row != every[0]]
+            raise ValueError(f"ranks disagree on the micro-batches (count, batch, seq): rank 0 has {every[0][:3]}, "
+                             f"ranks {bad} have {[every[r][:3] for r in bad]}; every rank must get the same shapes")
+        self._agreed_shapes = shapes
 
     def full_gradients(self, num_micro_batches: int) -> dict[str, torch.Tensor]:
         """The synchronised gradient of the global-batch mean loss, gathered to full shape, from
@@ -47,11 +64,14 @@ class Engine:
         micro-batches."""
         if not micro_batches:
             raise ValueError("train_step needs at least one micro-batch")
+        self._check_ranks_agree(micro_batches)
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         load, drops = None, None
         for ids, targets in micro_batches:
             loss, parts = self.model(ids, targets)
+            if self.poison_next_step:
+                loss = loss * float("nan")
             (loss * self.optimizer.loss_scale).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v.float()
@@ -66,6 +86,7 @@ class Engine:
             means = comm.all_reduce(torch.stack([sums[k] for k in names]), self.topology.axis("dsp"))
         means = means / (len(micro_batches) * self.topology.size("dp"))
         out = {k: means[i].item() for i, k in enumerate(names)}
+        self.poison_next_step = False
         out.update(self.optimizer.step(len(micro_batches)))
         if load is not None:
             out["tokens_per_expert"] = load.tolist()

@@ -158,6 +158,7 @@ class ZeroAdamW:
         self.loss_scale = config.initial_loss_scale if config.precision == "fp16" else 1.0
         self.good_steps = 0
         self.step_count = 0
+        self.bad_in_a_row = 0
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
@@ -178,15 +179,21 @@ class ZeroAdamW:
             scale = 1.0 / (self.topology.size("dp") * num_micro_batches * self.loss_scale)
             sq = sum(g.sq_norm(gr, scale) for g, gr in zip(self.groups, grads))
             norm = math.sqrt(comm.all_reduce(sq, self.topology.axis("world")).item())
-            if not math.isfinite(norm):
+            if not math.isfinite(norm):  # every rank sees the same norm, so all skip or stop together
                 for g in self.groups:
                     g.attach_grads()
                 if c.precision != "fp16":
-                    raise FloatingPointError(f"gradient norm is {norm} at step {self.step_count + 1} ({c.precision})")
-                self.loss_scale /= 2
-                self.good_steps = 0
+                    self.bad_in_a_row += 1
+                    if self.bad_in_a_row > c.max_bad_steps:
+                        raise FloatingPointError(
+                            f"gradient norm is {norm} at step {self.step_count + 1} ({c.precision}; "
+                            f"{self.bad_in_a_row} bad step(s) in a row, train.max_bad_steps={c.max_bad_steps})")
+                else:
+                    self.loss_scale /= 2
+                    self.good_steps = 0
                 return {"grad_norm": norm, "lr": self.lr_at(self.step_count + 1), "loss_scale": self.loss_scale,
                         "skipped": True}
+            self.bad_in_a_row = 0
             clip = 1.0
             if c.grad_clip is not None:
                 clip = min(1.0, c.grad_clip / (norm + 1e-6))

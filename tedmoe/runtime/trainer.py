@@ -20,6 +20,7 @@ from tedmoe.parallel import comm, launch
 from tedmoe.parallel.sharding import full_state_dict
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime import checkpoint as ckpt
+from tedmoe.runtime import faults
 from tedmoe.runtime.engine import Engine
 from tedmoe.runtime.metrics import MetricsWriter, read_metrics, summary
 
@@ -98,7 +99,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if world > 1:
         launch.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
         dist.barrier()  # rank 0 has the data ready
-    topo = Topology(world, tp=cfg.parallel.tp, ep=cfg.parallel.ep, sp=cfg.parallel.sp)
+    topo = Topology(world, tp=cfg.parallel.tp, ep=cfg.parallel.ep, sp=cfg.parallel.sp,
+                    timeout_s=cfg.parallel.timeout_s if world > 1 else None)
     path = data_dir(cfg)
     train_ds, val_ds = TokenDataset(path, "train", verify=False), TokenDataset(path, "val", verify=False)
     model = GPTMoE(cfg.model, topo, checkpointing=cfg.train.checkpointing)
@@ -128,9 +130,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     record: dict = {}
     last = min(cfg.train.max_steps, cfg.stop_after or cfg.train.max_steps)
     for step in range(start + 1, last + 1):
+        faults.maybe_fail("step", rank, step)
+        engine.poison_next_step = faults.active("nan", rank, step)
         t0 = time.perf_counter()
         with comm.LEDGER.capture():
-            metrics = engine.train_step(seq_chunks(sampler.micro_batches(dp, dp_rank, micro), topo))
+            try:
+                metrics = engine.train_step(seq_chunks(sampler.micro_batches(dp, dp_rank, micro), topo))
+            except FloatingPointError as err:
+                good = ckpt.latest_checkpoint(out / "checkpoints")
+                raise FloatingPointError(f"{err}; stopping. The last good checkpoint is "
+                                         f"{good if good else 'none (none was written yet)'}") from None
             by_kind = {k: comm.LEDGER.total(kind=k).bytes for k in comm.KINDS if comm.LEDGER.total(kind=k).calls}
         seconds = time.perf_counter() - t0
         record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
@@ -138,6 +147,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train.max_steps:
             record["val_loss"] = _val_loss(model, val_sampler, topo, micro, cfg.eval_batches)
         writer.write(record)
+        if record.get("skipped") and rank == 0:
+            why = "fp16 overflow" if cfg.train.precision == "fp16" else "non-finite gradients"
+            print(f"tedmoe: step {step} skipped ({why}); loss scale {record['loss_scale']:g}", file=sys.stderr,
+                  flush=True)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")

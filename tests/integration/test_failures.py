@@ -1,0 +1,106 @@
+"""Failures end runs loudly and lose nothing: a dead rank, a hung rank, a kill during a save, a
+crash then --resume, non-finite gradients. Faults are injected with TEDMOE_FAULT (tedmoe/runtime/faults.py)."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY4 = ["--preset", "tiny", "--nproc", "4", "--set", "parallel.tp=2", "--set", "parallel.ep=2",
+         "--set", "checkpoint_every=3", "--set", "keep_checkpoints=3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import os
+
+    return {**os.environ, "TEDMOE_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}
+
+
+def tedmoe(env, *args, fault=None, timeout=240):
+    e = dict(env, TEDMOE_FAULT=fault) if fault else env
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "tedmoe.cli", *args], env=e, capture_output=True, text=True,
+                         timeout=timeout)
+    return out, time.monotonic() - t0
+
+
+def leftover_ranks() -> list[str]:
+    """Rank processes still alive (polled for a few seconds: the agent reaps them)."""
+    for _ in range(20):
+        ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+        alive = [line for line in ps if "-m tedmoe.cli" in line and "ps -eo" not in line]
+        if not alive:
+            return []
+        time.sleep(0.25)
+    return alive
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ok") / "run"
+    res, _ = tedmoe(env, "train", *TINY4, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    return losses(out)
+
+
+def test_dead_rank_ends_the_run_with_its_name(env, tmp_path):
+    res, seconds = tedmoe(env, "train", *TINY4, "--set", "parallel.timeout_s=60", "--out", str(tmp_path / "r"),
+                          fault="kill@2:3")
+    assert res.returncode != 0
+    assert "tedmoe: error: rank 2 was killed by SIGKILL; the run stopped" in res.stderr, res.stderr[-2000:]
+    assert seconds < 60, seconds  # well inside the collective timeout: the agent sees the death at once
+    assert leftover_ranks() == []
+    print(f"dead rank: run ended {seconds:.1f} s after launch")
+
+
+def test_hung_rank_times_out(env, tmp_path):
+    res, seconds = tedmoe(env, "train", *TINY4, "--set", "parallel.timeout_s=8", "--out", str(tmp_path / "r"),
+                          fault="hang@1:3")
+    assert res.returncode != 0 and "tedmoe: error: rank" in res.stderr, res.stderr[-2000:]
+    assert seconds < 8 + 45, seconds  # start-up, two steps, then the 8 s collective timeout
+    assert leftover_ranks() == []
+    print(f"hung rank: run ended {seconds:.1f} s after launch (timeout 8 s)")
+
+
+def test_crash_then_resume_equals_uninterrupted(env, tmp_path, uninterrupted):
+    run = tmp_path / "r"
+    res, _ = tedmoe(env, "train", *TINY4, "--out", str(run), fault="kill@1:5")
+    assert res.returncode != 0 and "rank 1 was killed" in res.stderr
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000003"
+    res, _ = tedmoe(env, "train", *TINY4, "--out", str(run), "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert losses(run) == uninterrupted
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(env, tmp_path, uninterrupted):
+    run = tmp_path / "r"
+    res, _ = tedmoe(env, "train", *TINY4, "--out", str(run), fault="kill_in_save@0:6")
+    assert res.returncode != 0
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_0000003"  # never moved to the half-written save
+    assert (ckpts / ".tmp-step_0000006").is_dir() and not (ckpts / "step_0000006").exists()
+    res, _ = tedmoe(env, "train", *TINY4, "--out", str(run), "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert losses(run) == uninterrupted and not (ckpts / ".tmp-step_0000006").exists()
+
+
+def test_non_finite_gradients_stop_or_skip(env, tmp_path):
+    one = ["--preset", "tiny", "--nproc", "1", "--set", "checkpoint_every=3"]
+    res, _ = tedmoe(env, "train", *one, "--out", str(tmp_path / "a"), fault="nan@all:4")
+    assert res.returncode == 3
+    assert "tedmoe: error: gradient norm is nan at step 4" in res.stderr
+    assert f"The last good checkpoint is {tmp_path / 'a' / 'checkpoints' / 'step_0000003'}" in res.stderr
+    assert "Traceback" not in res.stderr
+    res, _ = tedmoe(env, "train", *one, "--set", "train.max_bad_steps=1", "--out", str(tmp_path / "b"),
+                    fault="nan@all:4")
+    assert res.returncode == 0 and "step 4 skipped (non-finite gradients)" in res.stderr
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, False, False, True, False, False]
