@@ -161,3 +161,22 @@ def test_checkpointing_modes(world4):
         assert {p: v for p, v in plain.items() if p != "recompute"} == ledger
         assert out["plain"][2] * 2 == a2a * 3  # the MoE layers' all-to-alls run 1.5x
         assert plain["recompute"]["all_to_all/ep"]["bytes"] * 2 == a2a
+
+
+def check_disagreeing_ranks():
+    """A rank with a different micro-batch shape is caught before any collective can hang."""
+    topo = Topology(4, tp=2, ep=2)
+    engine = build(topo, train_config())
+    mbs = micro_batches(0, topo.size("dp"), topo.coord("dp"))
+    if torch.distributed.get_rank() == 3:
+        mbs = [(i[:1], t[:1]) for i, t in mbs]
+    try:
+        engine.train_step(mbs)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def test_disagreeing_ranks_fail_together(world4):
+    messages = world4.run(check_disagreeing_ranks, timeout=60)
+    assert all(m is not None and "ranks disagree on the micro-batches" in m and "ranks [3]" in m for m in messages)
