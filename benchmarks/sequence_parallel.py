@@ -3,9 +3,10 @@
 Reproduce:  .venv/bin/python benchmarks/sequence_parallel.py        (launches 8 CPU ranks itself)
 
 For P = 2, 4, 8 with the sequence growing with P (T = 512 P): bytes each rank sends in one
-forward + backward of one attention layer, from the communication ledger. Ulysses: all-to-alls
-of q, k, v and the output. Baseline: all-gather the sequence, heads split over the same P ranks
-(column-parallel q, k, v, row-parallel output), reduce-scatter back to sequence chunks. Then, at a
+forward + backward, from the communication ledger, of the attention block and of a whole
+transformer layer. Ulysses: all-to-alls of q, k, v and the output; its MLP is local. Baseline:
+all-gather the sequence, heads (and the MLP) split over the same P ranks, reduce-scatter back to
+sequence chunks, around attention and around the MLP. Then, at a
 fixed T = 4096, the activation memory one attention layer saves for backward per rank (exact
 count of saved tensors). Prints tables on rank 0, writes benchmarks/results/sequence_parallel.json.
 """
@@ -55,6 +56,21 @@ class MegatronSPAttention(nn.Module):
         return comm.reduce_scatter_along(y, self.sp, 1)
 
 
+class MegatronSPMLP(nn.Module):
+    """The baseline's MLP: all-gather the sequence, column/row-parallel MLP over the same ranks,
+    reduce-scatter back. (Ulysses runs the MLP on its chunk with no communication.)"""
+
+    def __init__(self, topo: Topology):
+        super().__init__()
+        self.sp = topo.axis("sp")
+        self.fc1 = ColumnParallelLinear(H, 4 * H, self.sp, copy_input=False)
+        self.fc2 = RowParallelLinear(4 * H, H, self.sp, bias=False, reduce_output=False)
+
+    def forward(self, x_BtH):
+        x = comm.gather_along(x_BtH, self.sp, 1)
+        return comm.reduce_scatter_along(self.fc2(F.gelu(self.fc1(x))), self.sp, 1)
+
+
 def sent(layer, x) -> int:
     x = x.clone().requires_grad_(True)
     with comm.LEDGER.capture():
@@ -90,19 +106,24 @@ def main() -> int:
         topo = Topology(8, sp=P)
         x = torch.randn(B, T // P, H)
         rows.append({"P": P, "seq_len": T, "ulysses_bytes": sent(Attention(cfg, topo), x),
-                     "megatron_sp_bytes": sent(MegatronSPAttention(cfg, topo), x)})
+                     "megatron_sp_bytes": sent(MegatronSPAttention(cfg, topo), x),
+                     "megatron_sp_mlp_bytes": sent(MegatronSPMLP(topo), x)})
     T = 4096
     cfg = ModelConfig(vocab_size=64, hidden_size=H, num_layers=1, num_heads=HEADS, max_seq_len=T)
     for P in (1, 2, 4, 8):
         topo = Topology(8, sp=P) if P > 1 else Topology.single()
         memory.append({"P": P, "seq_len": T, "saved_bytes": saved_bytes(Attention(cfg, topo), torch.randn(B, T // P, H))})
     if dist.get_rank() == 0:
-        print(f"one attention layer, H={H}, {HEADS} heads, batch {B}, fp32; bytes sent per rank, forward + backward")
-        print(f"{'P':>3} {'seq':>6} {'Ulysses MB':>11} {'Megatron-SP MB':>15} {'ratio':>6}")
+        print(f"H={H}, {HEADS} heads, batch {B}, fp32; MB sent per rank, forward + backward. A transformer layer is "
+              "attention + MLP: Ulysses' MLP needs no communication, Megatron-SP gathers and scatters around it too.")
+        print(f"{'P':>3} {'seq':>6} {'Ulysses attn':>13} {'Meg-SP attn':>12} {'ratio':>6} "
+              f"{'Meg-SP layer':>13} {'layer ratio':>12}")
         for r in rows:
-            r["ratio"] = r["megatron_sp_bytes"] / r["ulysses_bytes"]
-            print(f"{r['P']:>3} {r['seq_len']:>6} {r['ulysses_bytes'] / 2**20:>11.2f} "
-                  f"{r['megatron_sp_bytes'] / 2**20:>15.2f} {r['ratio']:>6.2f}")
+            r["ratio_attention"] = r["megatron_sp_bytes"] / r["ulysses_bytes"]
+            r["ratio_layer"] = (r["megatron_sp_bytes"] + r["megatron_sp_mlp_bytes"]) / r["ulysses_bytes"]
+            print(f"{r['P']:>3} {r['seq_len']:>6} {r['ulysses_bytes'] / 2**20:>13.2f} "
+                  f"{r['megatron_sp_bytes'] / 2**20:>12.2f} {r['ratio_attention']:>6.2f} "
+                  f"{(r['megatron_sp_bytes'] + r['megatron_sp_mlp_bytes']) / 2**20:>13.2f} {r['ratio_layer']:>12.2f}")
         print(f"\nactivations saved for backward per rank, T={T}")
         print(f"{'P':>3} {'MB':>8} {'x P / (P=1)':>12}")
         for m in memory:
