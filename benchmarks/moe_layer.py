@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tedmoe.config import MoEConfig
 from tedmoe.moe.layer import MoE

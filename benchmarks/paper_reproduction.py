@@ -33,7 +33,7 @@ def fits(model, hw, gpus: int, tp: int) -> bool:
     """Whether some expert-parallel degree fits ``model`` at this tp (memory only)."""
     for ep in (e for e in range(1, EXPERTS + 1) if EXPERTS % e == 0):
         try:
-            dims = ParallelDims(gpus, tp, ep)
+            ParallelDims(gpus, tp, ep)
             model.validate(tp, ep)
         except ValueError:
             continue

@@ -50,7 +50,6 @@ def param_counts(model: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, int]
     H, V, F, L = model.hidden_size, model.vocab_size, model.ffn_hidden_size, model.num_layers
     D = H // model.num_heads
     attn = H * model.num_heads * D + 2 * H * model.kv_heads * D + model.num_heads * D * H  # q, k, v, o
-    dense = 2 * H * F + F + H  # fc1 (+bias), fc2 (+bias)
     moe = model.moe
     experts = moe.num_experts * H * moe.ffn_hidden_size * (3 if moe.activation == "swiglu" else 2)
     n_moe = sum(model.is_moe_layer(i) for i in range(L))

@@ -1,6 +1,5 @@
 """The planner's predicted communication equals the ledger's measurement of a real training step."""
 
-import dataclasses
 
 import pytest
 import torch
