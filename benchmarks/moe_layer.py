@@ -129,12 +129,13 @@ def main() -> None:
               f"{1e3 * t_gemm:>10.1f} {100 * row['outside_experts_timed']:>14.1f}% "
               f"{100 * row['outside_gemms_profiled']:>18.1f}% {100 * row['outside_expert_mlp_profiled']:>10.1f}%")
     slopes = {}
-    for key in ("ours_s", "einsum_s", "gemm_s"):
+    for key in ("ours_s", "einsum_s", "gemm_s") if len(rows) > 1 else ():
         xs = [math.log(r["tokens"]) for r in rows]
         ys = [math.log(r[key]) for r in rows]
         mx, my = statistics.mean(xs), statistics.mean(ys)
         slopes[key] = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
-    print("log-log slope of time vs S: " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in slopes.items()))
+    if slopes:
+        print("log-log slope of time vs S: " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in slopes.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
