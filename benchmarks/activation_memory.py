@@ -57,7 +57,7 @@ def measure(args, mode: str) -> dict:
     ids = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g)
     with comm.LEDGER.capture():
         activations, (loss, _) = saved_bytes(model, lambda: model(ids[:, :-1], ids[:, 1:]))
-        stash = sum(s.nbytes() for s in model.stashes)
+        stash = model.stash_bytes
         loss.backward()
         engine.optimizer.step(1)
     x = model.embed(ids[:, :-1]).detach()

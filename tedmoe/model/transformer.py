@@ -87,7 +87,8 @@ class GPTMoE(nn.Module):
         self.blocks = nn.ModuleList(Block(config, topology, i, **kw) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp, bias=False, **kw)
-        self.stashes: list[comm.CommStash] = []
+        self.stash_bytes = 0  # CAC: bytes the last forward stashed (the stashes die with the backward)
+        self._stashes: list = []
 
     def init_weights(self, seed: int) -> None:
         """The same weights in every layout: N(0, 0.02), output projections scaled by
@@ -112,12 +113,12 @@ class GPTMoE(nn.Module):
             contexts = lambda: (contextlib.nullcontext(), comm.LEDGER.phase("recompute"))  # noqa: E731
             return checkpoint(block, x, use_reentrant=False, context_fn=contexts, early_stop=False)
         stash = comm.CommStash()
-        self.stashes.append(stash)
+        self._stashes.append(stash)
         contexts = lambda: (stash.recording(), stash.replaying())  # noqa: E731
         return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
 
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100):
-        self.stashes = []
+        self._stashes = []
         x = self.embed(ids_BT)
         aux, z = [], []
         for block in self.blocks:
@@ -125,6 +126,8 @@ class GPTMoE(nn.Module):
             if block.is_moe:
                 aux.append(a)
                 z.append(zl)
+        self.stash_bytes = sum(s.nbytes() for s in self._stashes)
+        self._stashes = []  # only the checkpoints keep them alive, until their backward
         logits = self.head(self.norm(x))
         per_token = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), self.topology.axis("tp"),
                                                  ignore_index)

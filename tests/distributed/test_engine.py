@@ -5,6 +5,9 @@ and accumulation step, each with its own capacity), which is what DESIGN.md sect
 Ranks return gathered results; the parent compares them with the reference it computed itself.
 """
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -138,12 +141,17 @@ def check_checkpointing():
         mbs = micro_batches(0, dp, dp_rank)
         with comm.LEDGER.capture():
             for ids, targets in mbs:
-                engine.model(ids, targets)[0].backward()
+                loss = engine.model(ids, targets)[0]
+                stash = engine.model.stash_bytes
+                live = [weakref.ref(s) for s in gc.get_objects() if isinstance(s, comm.CommStash)]
+                assert len(live) == (2 if mode == "cac" else 0)  # one per block, held by its checkpoint
+                loss.backward()
+                del loss
+                assert all(r() is None for r in live), "a CAC stash outlived its backward"
         comm.LEDGER.enabled = False
         grads = engine.full_gradients(len(mbs))
         with comm.LEDGER.capture(reset=False):
             engine.optimizer.step(len(mbs))
-        stash = sum(s.nbytes() for s in engine.model.stashes)
         out[mode] = (grads, comm.LEDGER.as_dict(), comm.LEDGER.total(kind="all_to_all").bytes, stash)
     return out
 
