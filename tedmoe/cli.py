@@ -102,21 +102,13 @@ def _plan(args) -> int:
     import dataclasses
     import json
 
-    from tedmoe.config import ModelConfig
-    from tedmoe.configfile import _apply, tomllib
+    from tedmoe.configfile import load_model_config
     from tedmoe.parallel.topology import ParallelDims
     from tedmoe.planner.hardware import load_hardware
     from tedmoe.planner.search import GiB, largest_layers, layouts, paper_model, smallest_cluster, table
 
     hw = load_hardware(args.hardware)
-    if args.model.endswith(".toml"):
-        model = ModelConfig()
-        if not os.path.isfile(args.model):
-            raise ValueError(f"model file {args.model} does not exist")
-        _apply(model, tomllib.loads(open(args.model).read()).get("model", {}), "model.")
-        model.moe.hidden_size = model.hidden_size
-    else:
-        model = paper_model(args.model, args.experts)
+    model = load_model_config(args.model) if args.model.endswith(".toml") else paper_model(args.model, args.experts)
     if args.tp or args.ep:  # an explicit layout: say which constraint it breaks
         tp, ep = args.tp or 1, args.ep or 1
         dims = ParallelDims(args.gpus, tp, ep)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tedmoe.config import RunConfig, preset
+from tedmoe.config import ModelConfig, RunConfig, preset
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -15,7 +15,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+def apply_values(obj: Any, values: dict[str, Any], where: str = "") -> None:
+    """Set a (nested) dataclass's fields from a dict, naming any unknown key and the valid ones."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in fields:
@@ -25,7 +26,7 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ValueError(f"{where}{key} is a table; set its keys, e.g. {where}{key}.<key>=...")
-            _apply(current, value, f"{where}{key}.")
+            apply_values(current, value, f"{where}{key}.")
         else:
             setattr(obj, key, tuple(value) if isinstance(current, tuple) else value)
 
@@ -49,6 +50,17 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def load_model_config(path: str) -> ModelConfig:
+    """The ``[model]`` table of a TOML file as a ``ModelConfig``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"model file {path} does not exist")
+    model = ModelConfig()
+    apply_values(model, tomllib.loads(p.read_text()).get("model", {}), "model.")
+    model.moe.hidden_size = model.hidden_size
+    return model
+
+
 def load_run_config(path: str | None = None, preset_name: str = "default", overrides: list[str] = ()) -> RunConfig:
     """The preset, then the TOML file (if any), then the overrides, in that order."""
     cfg = preset(preset_name)
@@ -57,11 +69,11 @@ def load_run_config(path: str | None = None, preset_name: str = "default", overr
         if not p.is_file():
             raise ValueError(f"config file {path} does not exist")
         try:
-            _apply(cfg, tomllib.loads(p.read_text()), "")
+            apply_values(cfg, tomllib.loads(p.read_text()), "")
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {path} is not valid TOML: {err}") from None
     for text in overrides:
-        _apply(cfg, parse_override(text), "")
+        apply_values(cfg, parse_override(text), "")
     cfg.model.moe.hidden_size = cfg.model.hidden_size  # the experts' width follows the model's
     return cfg
 
@@ -97,5 +109,5 @@ def to_dict(cfg: RunConfig) -> dict:
 
 def from_dict(values: dict) -> RunConfig:
     cfg = RunConfig()
-    _apply(cfg, values, "")
+    apply_values(cfg, values, "")
     return cfg
