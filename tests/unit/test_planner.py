@@ -81,3 +81,16 @@ def test_plan_cli_table_and_errors():
     assert out.returncode == 2 and "tp=3 does not divide world_size=32" in out.stderr
     out = _plan("--model", "6.7b", "--gpus", "8", "--hardware", "summit", "--global-batch", "64")
     assert out.returncode == 2 and "no layout fits" in out.stderr and "the smallest cluster that fits is" in out.stderr
+
+
+def test_plan_cli_reads_a_model_toml(tmp_path):
+    (tmp_path / "m.toml").write_text("[model]\nhidden_size = 512\nnum_layers = 8\nnum_heads = 8\nvocab_size = 32000\n"
+                                     "ffn_hidden_size = 2048\n[model.moe]\nnum_experts = 8\nffn_hidden_size = 2048\n")
+    out = _plan("--model", str(tmp_path / "m.toml"), "--gpus", "16", "--hardware", "dgx-a100", "--json")
+    assert out.returncode == 0, out.stderr
+    import json
+
+    cands = json.loads(out.stdout)
+    assert cands and all(c["tp"] * c["dp"] == 16 and 8 % c["ep"] == 0 for c in cands)
+    out = _plan("--model", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "model file" in out.stderr and "does not exist" in out.stderr
