@@ -79,10 +79,15 @@ class TEDDispatcher:
         tokens = pairs // K
 
         x_in = comm.copy_to_region(x_SH, tp)
-        send = x_SH.new_zeros(int(seg_E.sum()), H).index_copy(0, rows, x_in.index_select(0, tokens))
         seg_mL = seg_E.view(ep.size, L)
-        recv_mL = comm.all_to_all(seg_mL, ep) if routing.capacity is None else seg_mL
-        send_splits, recv_splits = seg_mL.sum(1).tolist(), recv_mL.sum(1).tolist()
+        if routing.capacity is not None:  # every segment has ceil(C / d) rows: known on the host, no sync
+            seg = -(-routing.capacity // d)
+            recv_mL, send_splits = seg_mL, [L * seg] * ep.size
+            recv_splits = send_splits
+        else:
+            recv_mL = comm.all_to_all(seg_mL, ep)
+            send_splits, recv_splits = seg_mL.sum(1).tolist(), recv_mL.sum(1).tolist()
+        send = x_SH.new_zeros(sum(send_splits), H).index_copy(0, rows, x_in.index_select(0, tokens))
         recv = comm.all_to_all_autograd(send, ep, send_splits, recv_splits)
         if self.dtd:
             recv = comm.gather_along(recv, tp, 0)  # rows ordered (tp rank, source, expert, slot)

@@ -84,8 +84,8 @@ class Engine:
         names = sorted(sums)
         with comm.LEDGER.phase("metrics"):
             means = comm.all_reduce(torch.stack([sums[k] for k in names]), self.topology.axis("dsp"))
-        means = means / (len(micro_batches) * self.topology.size("dp"))
-        out = {k: means[i].item() for i, k in enumerate(names)}
+        means = (means / (len(micro_batches) * self.topology.size("dp"))).tolist()  # one host sync
+        out = dict(zip(names, means))
         self.poison_next_step = False
         out.update(self.optimizer.step(len(micro_batches)))
         if load is not None:

@@ -140,7 +140,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 good = ckpt.latest_checkpoint(out / "checkpoints")
                 raise FloatingPointError(f"{err}; stopping. The last good checkpoint is "
                                          f"{good if good else 'none (none was written yet)'}") from None
-            by_kind = {k: comm.LEDGER.total(kind=k).bytes for k in comm.KINDS if comm.LEDGER.total(kind=k).calls}
+            totals = {k: comm.LEDGER.total(kind=k) for k in comm.KINDS}
+            by_kind = {k: t.bytes for k, t in totals.items() if t.calls}
         seconds = time.perf_counter() - t0
         record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
                   "comm_bytes": by_kind}
