@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -10,28 +11,60 @@ from tedmoe.config import PRESETS
 from tedmoe.parallel import launch
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one ``tedmoe: error: ...`` line (exit 2), not usage + error."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK") in (None, "0"):
+            print(f"tedmoe: error: {self.prog.removeprefix('tedmoe').strip() + ': ' if self.prog != 'tedmoe' else ''}"
+                  f"{message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a finite ``kind`` >= low (> low when ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low:g}")
+        return value
+    return parse
+
+
+POSITIVE_INT, NONNEG_INT, POSITIVE = _number(int, 1), _number(int, 0), _number(float, 0, strict=True)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tedmoe", description="Mixture-of-Experts training with TED parallelism")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="tedmoe", description="Mixture-of-Experts training with TED parallelism")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors "
+                   "(also TEDMOE_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a GPT-MoE (default: 4 CPU ranks, TP 2 x DP 2, EP 2, DTD on)")
     t.add_argument("--config", help="a TOML file (applied over the preset)")
     t.add_argument("--preset", default="default", choices=PRESETS, help="starting config (default: %(default)s)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
-    t.add_argument("--nproc", type=int, help="ranks to launch here (default: parallel.nproc); ignored under torchrun")
+    t.add_argument("--nproc", type=POSITIVE_INT, help="ranks to launch here (default: parallel.nproc); ignored under torchrun")
     t.add_argument("--out", help="run directory (same as --set out_dir=...)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run "
+                   "(the old run is moved aside to RUN.old-N, never deleted)")
+    t.add_argument("--accept-changes", action="store_true", help="with --resume: continue although the data, "
+                   "batch size, schedule or optimizer settings differ from the checkpoint's")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its latest checkpoint)")
     g.add_argument("--prompt", default="", help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=200)
+    g.add_argument("--temperature", type=POSITIVE, default=0.8)
+    g.add_argument("--top-k", type=POSITIVE_INT, default=40, help="sample among the k most likely tokens")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=NONNEG_INT, default=0)
 
     pl = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
     pl.add_argument("run_dir")
@@ -42,50 +75,62 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("inputs", nargs="+", help="files or directories (*.txt, *.md, *.py)")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
-    prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size")
-    prep.add_argument("--val-fraction", type=float, default=0.05)
+    prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (> 256)")
+    prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out for validation, in (0, 1)")
 
     pn = sub.add_parser("plan", help="rank the layouts of a model on a cluster by predicted step time")
     pn.add_argument("--model", default="6.7b", help="1.3b, 2.7b, 6.7b, 13b (paper base models) or a TOML file "
                     "with a [model] table")
-    pn.add_argument("--experts", type=int, default=16, help="experts per MoE layer (paper models)")
-    pn.add_argument("--gpus", type=int, default=128)
+    pn.add_argument("--experts", type=POSITIVE_INT, default=16, help="experts per MoE layer (paper models)")
+    pn.add_argument("--gpus", type=POSITIVE_INT, default=128)
     pn.add_argument("--hardware", default="summit", help="summit, perlmutter, dgx-a100, dgx-h100 or a TOML file")
-    pn.add_argument("--global-batch", type=int, default=512, help="sequences per step")
-    pn.add_argument("--micro-batch", type=int, default=1)
-    pn.add_argument("--seq-len", type=int, default=2048)
-    pn.add_argument("--memory-gib", type=float, help="memory cap per device (default: the hardware's)")
+    pn.add_argument("--global-batch", type=POSITIVE_INT, default=512, help="sequences per step")
+    pn.add_argument("--micro-batch", type=POSITIVE_INT, default=1)
+    pn.add_argument("--seq-len", type=POSITIVE_INT, default=2048)
+    pn.add_argument("--memory-gib", type=POSITIVE, help="memory cap per device (default: the hardware's)")
     pn.add_argument("--checkpointing", choices=("none", "plain", "cac"), default="cac")
     pn.add_argument("--no-dtd", action="store_true", help="predict without duplicate token dropping")
-    pn.add_argument("--tp", type=int, help="evaluate only this tensor-parallel degree")
-    pn.add_argument("--ep", type=int, help="evaluate only this expert-parallel degree")
+    pn.add_argument("--tp", type=POSITIVE_INT, help="evaluate only this tensor-parallel degree")
+    pn.add_argument("--ep", type=POSITIVE_INT, help="evaluate only this expert-parallel degree")
     pn.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     demo = sub.add_parser("demo", help="TP layers and the TED MoE layer on N ranks checked against one process")
-    demo.add_argument("--nproc", type=int, default=4, help="ranks to launch when not already under torchrun")
+    demo.add_argument("--nproc", type=POSITIVE_INT, default=4, help="ranks to launch when not already under torchrun")
     return p
 
 
 def _train(args, argv: list[str]) -> int:
     from tedmoe.configfile import dump_run_config, load_run_config
-    from tedmoe.runtime.trainer import check_before_launch, train
+    from tedmoe.runtime import rundir
+    from tedmoe.runtime.trainer import _finished_message, check_before_launch, train
 
     overrides = args.overrides + ([f"out_dir={args.out!r}".replace("'", '"')] if args.out else [])
     cfg = load_run_config(args.config, args.preset, overrides)
     if args.print_config:
         print(dump_run_config(cfg), end="")
         return 0
-    if launch.launched():
-        train(cfg, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other; pass one of them")
+    if launch.launched():  # torchrun, SLURM, or our own relaunch
+        train(cfg, resume=args.resume, overwrite=args.overwrite, accept_changes=args.accept_changes)
         return 0
     nproc = args.nproc or cfg.parallel.nproc
-    if nproc < 1:
-        raise ValueError(f"--nproc={nproc} must be at least 1")
-    check_before_launch(cfg, nproc, args.resume)
-    if nproc == 1:
-        train(cfg, resume=args.resume)
+    status = check_before_launch(cfg, nproc, args.resume, args.accept_changes)
+    if status["finished"]:
+        print(f"tedmoe: {_finished_message(cfg, status['step'])}")
         return 0
-    return launch.relaunch(nproc, argv)
+    lock, notes = rundir.claim(cfg.out_dir, args.resume, args.overwrite)
+    for note in notes:
+        print(f"tedmoe: {note}", file=sys.stderr)
+    os.environ["TEDMOE_RUN_CLAIMED"] = "1"  # the ranks inherit it: this process holds the lock
+    try:
+        if nproc == 1:
+            train(cfg, resume=args.resume, accept_changes=args.accept_changes)
+            return 0
+        return launch.relaunch(nproc, argv)
+    finally:
+        os.environ.pop("TEDMOE_RUN_CLAIMED", None)
+        lock.release()
 
 
 def _generate(args) -> int:
@@ -137,48 +182,92 @@ def _plan(args) -> int:
     return 0
 
 
+def _say(line: str, every_rank: bool = False) -> None:
+    """One line on stderr (from rank 0 only, unless ``every_rank``). A rank that ``tedmoe train``
+    relaunched stays quiet and leaves the line for the launcher, which prints the first failure's."""
+    launch.record_error(line)
+    if launch.relaunched():
+        return
+    if every_rank or os.environ.get("RANK") in (None, "0"):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _run(args, argv: list[str]) -> int:
+    if args.command == "train":
+        return _train(args, argv)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "plan":
+        return _plan(args)
+    if args.command == "plot":
+        from tedmoe.plots import plot_run
+
+        for path in plot_run(args.run_dir):
+            print(path)
+        return 0
+    if args.command == "data":
+        from tedmoe.data.dataset import prepare
+
+        out = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+        print(f"wrote {out}")
+        return 0
+    if args.nproc > 1 and not launch.launched():
+        return launch.relaunch(args.nproc, argv)
+    from tedmoe import demo
+
+    if launch.launched():
+        launch.init_distributed()
+    try:
+        return demo.main()
+    finally:
+        launch.shutdown_distributed()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``tedmoe`` command. A mistake ends in one ``tedmoe: error: ...`` line and exit code 2
+    (3: non-finite gradients, 1: a failed rank or an internal error, 130: interrupted);
+    ``--debug`` or ``TEDMOE_DEBUG=1`` shows tracebacks instead."""
     if argv is None:
         argv = sys.argv[1:] or launch.launched_argv() or []
-    args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
-            return _train(args, argv)
-        if args.command == "generate":
-            return _generate(args)
-        if args.command == "plan":
-            return _plan(args)
-        if args.command == "plot":
-            from tedmoe.plots import plot_run
-
-            for path in plot_run(args.run_dir):
-                print(path)
-            return 0
-        if args.command == "data":
-            from tedmoe.data.dataset import prepare
-
-            out = prepare(args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
-            print(f"wrote {out}")
-            return 0
-        if args.nproc < 1:
-            raise ValueError(f"--nproc={args.nproc} must be at least 1")
-        if args.nproc > 1 and not launch.launched():
-            return launch.relaunch(args.nproc, argv)
-        from tedmoe import demo
-
-        if launch.launched():
-            launch.init_distributed()
-        return demo.main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # one line, no traceback
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a mistake already said in one line
+        return done.code if isinstance(done.code, int) else 2
+    if args.debug:
+        os.environ["TEDMOE_DEBUG"] = "1"  # relaunched ranks inherit it
+    if os.environ.get("TEDMOE_DEBUG") == "1":
+        return _run(args, argv)
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt as err:  # the trainer's Interrupted says what it kept
         if os.environ.get("RANK") in (None, "0"):
-            print(f"tedmoe: error: {err}", file=sys.stderr)
-        return 3 if isinstance(err, FloatingPointError) else 2
-    except RuntimeError as err:  # a peer died or a collective timed out: say so in one line
-        if launch.launched():
-            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            print(f"tedmoe: rank {os.environ.get('RANK')}: {first}", file=sys.stderr)
+            print(f"tedmoe: {err}" if str(err) else "tedmoe: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except FloatingPointError as err:
+        _say(f"tedmoe: error: {err}")
+        return 3
+    except (ValueError, OSError) as err:  # user mistakes; OSError: a path that is missing, a file, unreadable
+        _say(f"tedmoe: error: {_one_line(err)}")
+        return 2
+    except RuntimeError as err:
+        if launch.launched():  # a peer died or a collective timed out: say so in one line
+            _say(f"tedmoe: error: {launch.describe_failure(err)}", every_rank=True)
             return 1
-        raise
+        _say(f"tedmoe: error: internal error: {type(err).__name__}: {_one_line(err)} ({_DEBUG_HINT})")
+        return 1
+    except Exception as err:  # a bug: still one line, with the way to see more
+        _say(f"tedmoe: error: internal error: {type(err).__name__}: {_one_line(err)} ({_DEBUG_HINT})")
+        return 1
+
+
+_DEBUG_HINT = "run again with --debug for the traceback"
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    text = str(err).strip()
+    return text.splitlines()[0][:500] if text else type(err).__name__
 
 
 if __name__ == "__main__":

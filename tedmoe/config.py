@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from tedmoe.validation import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, Seed, check_fields
 
 DropPolicy = Literal["position", "probs", "random"]
+Backend = Literal["gloo", "nccl", "mpi", "ucc", "xccl"]
+Beta = Annotated[float, Range(ge=0, lt=1)]
 
 
 @dataclass
 class MoEConfig:
     """One Mixture-of-Experts layer."""
 
-    hidden_size: int = 64
+    hidden_size: PosInt = 64
     """Model width H (input and output of every expert)."""
-    ffn_hidden_size: int = 256
+    ffn_hidden_size: PosInt = 256
     """Hidden width F of each expert MLP; split over ``tp``."""
-    num_experts: int = 8
+    num_experts: PosInt = 8
     """Experts E in the layer; split ``E / ep`` per expert-parallel rank."""
-    top_k: int = 2
+    top_k: PosInt = 2
     """Experts each token is sent to."""
-    capacity_factor: float = 1.0
+    capacity_factor: PosFloat = 1.0
     """Training capacity per expert is ``ceil(top_k * capacity_factor * S / E)`` tokens."""
-    eval_capacity_factor: float | None = None
+    eval_capacity_factor: PosFloat | None = None
     """Capacity factor in eval mode; ``None`` uses ``capacity_factor``."""
-    min_capacity: int = 4
+    min_capacity: NonNegInt = 4
     """Lower bound on the capacity of each expert."""
     drop_policy: DropPolicy = "position"
     """Who keeps a slot when an expert overflows: ``position`` (first choices first, then token
@@ -34,11 +38,11 @@ class MoEConfig:
     """Compute every routed token: no capacity, uneven all-to-all."""
     normalize_gates: bool = True
     """For ``top_k > 1``, renormalise the chosen experts' probabilities to sum to 1."""
-    router_jitter: float = 0.0
+    router_jitter: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Multiply the router's input by ``U(1 - jitter, 1 + jitter)`` in training (0 disables)."""
     gumbel_noise: bool = False
     """Top-1 only: pick the expert from logits plus Gumbel noise in training (gates stay clean)."""
-    router_seed: int = 1234
+    router_seed: Seed = 1234
     """Seed of the router's noise and random token selection (the same on every rank)."""
     activation: Literal["gelu", "swiglu"] = "gelu"
     """Expert MLP activation."""
@@ -84,29 +88,29 @@ class MoEConfig:
 class ModelConfig:
     """A decoder-only GPT with an MoE MLP every ``moe_every`` layers."""
 
-    vocab_size: int = 256
+    vocab_size: PosInt = 256
     """Vocabulary size V (256 for the byte tokenizer); split over ``tp``."""
-    hidden_size: int = 64
+    hidden_size: PosInt = 64
     """Model width H."""
-    num_layers: int = 4
+    num_layers: PosInt = 4
     """Transformer blocks."""
-    num_heads: int = 4
+    num_heads: PosInt = 4
     """Attention heads; split over ``tp``."""
-    num_kv_heads: int | None = None
+    num_kv_heads: PosInt | None = None
     """Key/value heads for grouped-query attention; ``None`` means ``num_heads``."""
-    ffn_hidden_size: int = 256
+    ffn_hidden_size: PosInt = 256
     """Hidden width of the dense MLP blocks."""
-    max_seq_len: int = 256
+    max_seq_len: PosInt = 256
     """Longest sequence the rotary tables cover."""
-    rope_theta: float = 10000.0
+    rope_theta: PosFloat = 10000.0
     """Rotary embedding base."""
-    norm_eps: float = 1e-5
+    norm_eps: PosFloat = 1e-5
     """RMSNorm epsilon."""
-    moe_every: int = 2
+    moe_every: NonNegInt = 2
     """Every ``moe_every``-th block (1-based: blocks 2, 4, ... by default) uses an MoE MLP; 0 = none."""
-    aux_loss_coef: float = 0.01
+    aux_loss_coef: NonNegFloat = 0.01
     """Weight of the mean load-balancing loss in the training loss."""
-    z_loss_coef: float = 0.001
+    z_loss_coef: NonNegFloat = 0.001
     """Weight of the mean router z-loss in the training loss."""
     moe: MoEConfig | None = None
     """The MoE layers' settings; ``None`` takes defaults sized to ``hidden_size``."""
@@ -126,6 +130,7 @@ class ModelConfig:
 
     def validate(self, tp: int = 1, ep: int = 1, sp: int = 1) -> None:
         """Raise ``ValueError`` for a setting that cannot work with these degrees."""
+        check_fields(self, "model.")
         if self.moe.hidden_size != self.hidden_size:
             raise ValueError(f"moe.hidden_size={self.moe.hidden_size} differs from hidden_size={self.hidden_size}; "
                              "leave moe.hidden_size unset or make them equal")
@@ -155,31 +160,31 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and memory settings of the engine."""
 
-    lr: float = 3e-3
+    lr: PosFloat = 3e-3
     """Peak learning rate (after warmup)."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     """The cosine decay ends at ``lr * min_lr_ratio``."""
-    warmup_steps: int = 10
+    warmup_steps: NonNegInt = 10
     """Linear warmup steps from 0 to ``lr``."""
-    max_steps: int = 200
+    max_steps: PosInt = 200
     """Optimizer steps; the cosine decay spans ``warmup_steps..max_steps``."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     """AdamW betas."""
-    eps: float = 1e-8
+    eps: PosFloat = 1e-8
     """AdamW epsilon."""
-    weight_decay: float = 0.1
+    weight_decay: NonNegFloat = 0.1
     """AdamW decoupled weight decay, on parameters with 2 or more dims."""
-    grad_clip: float | None = 1.0
+    grad_clip: PosFloat | None = 1.0
     """Clip the global gradient norm to this; ``None`` disables."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Parameter and activation dtype; master weights and optimizer states are always fp32."""
-    initial_loss_scale: float = 2.0 ** 16
+    initial_loss_scale: PosFloat = 2.0 ** 16
     """fp16 only: the starting dynamic loss scale."""
-    loss_scale_window: int = 1000
+    loss_scale_window: PosInt = 1000
     """fp16 only: steps without overflow before the scale doubles."""
-    tile_size: int | None = 1 << 20
+    tile_size: PosInt | None = 1 << 20
     """Elements per tile of the optimizer step (``None``: the whole shard at once)."""
-    max_bad_steps: int = 0
+    max_bad_steps: NonNegInt = 0
     """Steps in a row whose gradients are NaN or infinite (bf16/fp32) that are skipped before
     the run stops; fp16 overflow is handled by the loss scale instead."""
     checkpointing: Literal["none", "plain", "cac"] = "none"
@@ -205,18 +210,33 @@ class TrainConfig:
 class ParallelConfig:
     """The rank grid and how ranks talk."""
 
-    tp: int = 1
+    tp: PosInt = 1
     """Tensor-parallel degree (innermost axis; keep it inside a node)."""
-    ep: int = 1
+    ep: PosInt = 1
     """Expert-parallel degree; divides ``dp x sp = world_size / tp`` and ``num_experts``."""
-    sp: int = 1
+    sp: PosInt = 1
     """Sequence-parallel degree (DeepSpeed-Ulysses); divides ``seq_len`` and the heads per TP rank."""
-    nproc: int = 1
+    nproc: PosInt = 1
     """Ranks ``tedmoe train`` launches itself when not already started by torchrun or SLURM."""
-    backend: str | None = None
+    backend: Backend | None = None
     """``torch.distributed`` backend; ``None`` picks NCCL with CUDA, else gloo."""
-    timeout_s: float = 300.0
+    timeout_s: PosFloat = 300.0
     """Seconds a collective may wait before the run fails."""
+
+    def check_backend(self) -> None:
+        """Refuse a backend this machine cannot run (before any process starts)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.backend is None:
+            return
+        if self.backend == "nccl" and not torch.cuda.is_available():
+            raise ValueError("parallel.backend='nccl' needs CUDA GPUs and this machine has none; "
+                             "leave parallel.backend unset (gloo on CPU) or set it to 'gloo'")
+        available = getattr(dist, "is_backend_available", None)
+        if available is not None and not available(self.backend):
+            raise ValueError(f"parallel.backend={self.backend!r} is not available in this PyTorch build; "
+                             "leave parallel.backend unset (NCCL with CUDA, else gloo)")
 
 
 @dataclass
@@ -228,11 +248,11 @@ class DataConfig:
     running Python's standard library sources), prepared once and cached."""
     tokenizer: Literal["byte", "bpe"] = "byte"
     """Tokenizer for the embedded corpus: raw bytes (vocabulary 256) or BPE trained on it."""
-    bpe_vocab_size: int = 2048
+    bpe_vocab_size: Annotated[int, Range(ge=257)] = 2048
     """Vocabulary of a BPE tokenizer trained by ``prepare``."""
-    corpus_bytes: int = 4_000_000
+    corpus_bytes: PosInt = 4_000_000
     """How much of the embedded corpus to use."""
-    val_fraction: float = 0.05
+    val_fraction: Fraction = 0.05
     """Share of tokens (the tail of each file list) held out for validation."""
 
 
@@ -250,29 +270,30 @@ class RunConfig:
     """Tokens."""
     out_dir: str = "runs/default"
     """Run directory: metrics, checkpoints, plots, exports."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the weights and of the data order."""
-    seq_len: int = 128
+    seq_len: PosInt = 128
     """Tokens per training sequence."""
-    global_batch_size: int = 16
+    global_batch_size: PosInt = 16
     """Sequences per optimizer step, over all data-parallel ranks."""
-    micro_batch_size: int = 4
+    micro_batch_size: PosInt = 4
     """Sequences per forward/backward on one rank; the rest is gradient accumulation."""
-    eval_every: int = 50
+    eval_every: NonNegInt = 50
     """Steps between validation losses (0: only at the end)."""
-    eval_batches: int = 4
+    eval_batches: PosInt = 4
     """Micro-batches per validation."""
-    checkpoint_every: int = 100
+    checkpoint_every: NonNegInt = 100
     """Steps between checkpoints (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    keep_checkpoints: NonNegInt = 2
+    """Complete checkpoints kept (0: all); older ones are deleted after a newer one is complete,
+    never the one just written."""
     tensorboard: bool = False
     """Also write TensorBoard event files (needs the tensorboard package)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     export: bool = True
     """At the end, write the full model as ``model.safetensors`` + ``model_config.json``."""
-    stop_after: int | None = None
+    stop_after: PosInt | None = None
     """End this invocation after this step, with a checkpoint (for time-limited jobs: a later
     ``--resume`` continues; the schedule still follows ``train.max_steps``)."""
 
@@ -288,6 +309,9 @@ class RunConfig:
     def validate(self, world_size: int) -> None:
         """Every check that needs no process group; raises ``ValueError`` naming the fix."""
         from tedmoe.parallel.topology import ParallelDims
+
+        check_fields(self)
+        self.parallel.check_backend()
 
         dims = ParallelDims(world_size, self.parallel.tp, self.parallel.ep, self.parallel.sp)
         self.model.validate(dims.tp, dims.ep, dims.sp)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tedmoe.config import ModelConfig, RunConfig, preset
+from tedmoe.validation import coerce, field_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -16,8 +17,10 @@ else:  # pragma: no cover
 
 
 def apply_values(obj: Any, values: dict[str, Any], where: str = "") -> None:
-    """Set a (nested) dataclass's fields from a dict, naming any unknown key and the valid ones."""
+    """Set a (nested) dataclass's fields from a dict, naming any unknown key and the valid ones;
+    each value is checked against its field's annotation (type and range)."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = field_hints(type(obj))
     for key, value in values.items():
         if key not in fields:
             table = f" in [{where.rstrip('.')}]" if where else ""
@@ -27,8 +30,10 @@ def apply_values(obj: Any, values: dict[str, Any], where: str = "") -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"{where}{key} is a table; set its keys, e.g. {where}{key}.<key>=...")
             apply_values(current, value, f"{where}{key}.")
+        elif isinstance(value, dict):
+            raise ValueError(f"{where}{key} is a value, not a table; set it as {where}{key}=...")
         else:
-            setattr(obj, key, tuple(value) if isinstance(current, tuple) else value)
+            setattr(obj, key, coerce(f"{where}{key}", value, hints[key]))
 
 
 def parse_override(text: str) -> dict[str, Any]:

@@ -15,8 +15,15 @@ from tedmoe.runtime.checkpoint import CheckpointError, latest_checkpoint, load_m
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or the newest one of a run directory or a ``checkpoints/`` directory."""
+    from tedmoe.data.dataset import is_dataset
+
     p = Path(path)
-    if (p / "meta.json").is_file():
+    if not p.exists():
+        raise CheckpointError(f"--ckpt {path} does not exist; pass a run directory or a checkpoint directory")
+    if is_dataset(p):
+        raise CheckpointError(f"{path} is a prepared dataset, not a checkpoint; pass a run directory "
+                              "(e.g. runs/default) or one of its checkpoints/step_* directories")
+    if (p / "meta.json").is_file() and "config" in read_meta(p):
         return p
     for root in (p / "checkpoints", p):
         found = latest_checkpoint(root) if root.is_dir() else None
@@ -38,6 +45,10 @@ def load_model(path: str | Path) -> tuple[GPTMoE, object]:
 def generate(model: GPTMoE, ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              greedy: bool = False, seed: int = 0) -> list[int]:
     """Append ``max_new_tokens`` tokens to ``ids`` (the context is cropped to ``max_seq_len``)."""
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one character with --prompt (the model continues it)")
+    if any(not 0 <= i < model.config.vocab_size for i in ids):
+        raise ValueError(f"the prompt has token ids outside the model's vocabulary of {model.config.vocab_size}")
     if temperature <= 0 and not greedy:
         raise ValueError(f"temperature={temperature} must be > 0 (or use --greedy)")
     g = torch.Generator().manual_seed(seed)

@@ -2,13 +2,17 @@
 draws deterministic, resumable batches from them.
 
 A prepared directory holds ``train.bin`` and ``val.bin`` (little-endian uint16 or uint32
-tokens), ``tokenizer.json`` and ``meta.json`` (counts, dtype and a checksum of each file).
+tokens), ``tokenizer.json`` and ``meta.json`` (format marker, counts, dtype and a checksum of each
+file), and nothing else: ``prepare`` replaces only directories of exactly that shape.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -36,43 +40,141 @@ def embedded_corpus_files(max_bytes: int) -> list[str]:
     return files
 
 
-def prepare(inputs: list[str], out_dir: str | Path, tokenizer: str = "byte", bpe_vocab_size: int = 2048,
-            val_fraction: float = 0.05) -> Path:
-    """Tokenize text files (directories are searched for ``*.txt``, ``*.md``, ``*.py``) into
-    ``out_dir``. The last ``val_fraction`` of each file's tokens goes to validation."""
-    files: list[str] = []
+DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
+FORMAT = "tedmoe-tokens"
+_OLD_META_KEYS = {"tokenizer", "vocab_size", "dtype", "train", "val"}
+
+
+def is_dataset(directory: Path) -> bool:
+    """Whether ``directory`` is a dataset ``prepare`` wrote: nothing but its four files, and a
+    ``meta.json`` that parses (marked with ``FORMAT``, or with the keys of older datasets)."""
+    try:
+        entries = list(directory.iterdir())
+        if not entries or any(e.name not in DATASET_FILES or not e.is_file() for e in entries):
+            return False
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and (meta.get("format") == FORMAT or _OLD_META_KEYS <= meta.keys())
+
+
+def _text_files(inputs: list[str]) -> list[Path]:
+    """The input files, and the ``*.txt``, ``*.md``, ``*.py`` files under input directories."""
+    files: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.suffix in (".txt", ".md", ".py") and f.is_file())
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".py") and f.is_file())
         elif p.is_file():
-            files.append(str(p))
+            files.append(p)
         else:
             raise ValueError(f"input {item} does not exist")
     if not files:
         raise ValueError(f"no text files found in {', '.join(inputs)}")
-    tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer.train(files, bpe_vocab_size)
+    return files
+
+
+def _check_out(out: Path, inputs: list[str], files: list[Path]) -> None:
+    """Refuse an output directory whose replacement could touch anything but an old dataset."""
+    for src in [Path(i).resolve() for i in inputs] + [f.resolve() for f in files]:
+        if src == out or out in src.parents or (src.is_dir() and src in out.parents):
+            raise ValueError(f"--out {out} overlaps the input {src}, so the sources could be read back or "
+                             "replaced; choose an --out outside the inputs")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; choose a directory path (new, empty, or a "
+                         "previous tedmoe dataset)")
+    if out.is_dir() and any(out.iterdir()) and not is_dataset(out):
+        raise ValueError(f"--out {out} is a non-empty directory that is not a tedmoe dataset; choose a new "
+                         "or empty directory (prepare only replaces datasets it wrote)")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--out {out} is under {parent}, which is a file; choose a directory path")
+
+
+def _split(tok, files: list[Path], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train and val tokens: the last ``val_fraction`` of each file's tokens is validation."""
     train, val = [], []
     for f in files:
-        ids = tok.encode(Path(f).read_text(encoding="utf-8", errors="replace"))
+        ids = tok.encode_file(f)
         cut = len(ids) - int(len(ids) * val_fraction)
-        train += ids[:cut]
-        val += ids[cut:]
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+        train.append(ids[:cut])
+        val.append(ids[cut:])
+    train_ids, val_ids = np.concatenate(train), np.concatenate(val)
+    total = len(train_ids) + len(val_ids)
+    counts = f"the inputs hold {total} tokens in {len(files)} file(s)"
+    if not total:
+        raise ValueError(f"{counts}: every input file is empty; add text to them")
+    if not len(train_ids):
+        raise ValueError(f"{counts} and --val-fraction {val_fraction} leaves the train split empty; "
+                         "lower --val-fraction or add more text")
+    if not len(val_ids):
+        raise ValueError(f"{counts} and --val-fraction {val_fraction} leaves the val split empty (each file "
+                         "gives int(tokens x fraction)); raise --val-fraction or add more text")
+    return train_ids, val_ids
+
+
+def _write(tmp: Path, tok, train: np.ndarray, val: np.ndarray, num_files: int) -> None:
+    """The four dataset files, written into the fresh directory ``tmp``."""
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    meta = {"tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "files": len(files)}
+    meta = {"format": FORMAT, "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "files": num_files}
     for split, ids in (("train", train), ("val", val)):
-        np.asarray(ids, dtype=dtype).tofile(tmp / f"{split}.bin")
+        ids.astype(dtype).tofile(tmp / f"{split}.bin")
         meta[split] = {"tokens": len(ids), "sha256": sha256_file(tmp / f"{split}.bin")}
     tok.save(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        import shutil
 
-        shutil.rmtree(out)
-    tmp.rename(out)  # complete or absent, never half-written
+
+def _remove_dataset(directory: Path) -> None:
+    """Delete a dataset ``prepare`` wrote (or an empty directory), by its known file names only."""
+    for name in DATASET_FILES:
+        (directory / name).unlink(missing_ok=True)
+    directory.rmdir()
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an old dataset (or empty directory) there is set aside first and
+    removed only once the new one is in place, so a failure leaves it untouched."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    aside = tmp.with_name(tmp.name + ".old")
+    out.rename(aside)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        aside.rename(out)
+        raise
+    _remove_dataset(aside)
+
+
+def prepare(inputs: list[str], out_dir: str | Path, tokenizer: str = "byte", bpe_vocab_size: int = 2048,
+            val_fraction: float = 0.05) -> Path:
+    """Tokenize text files (directories are searched for ``*.txt``, ``*.md``, ``*.py``) into
+    ``out_dir``. The last ``val_fraction`` of each file's tokens goes to validation.
+
+    ``out_dir`` must be new, empty, or a dataset this function wrote earlier (replaced whole, or
+    left as it was if anything fails); it may not overlap the inputs."""
+    if tokenizer not in ("byte", "bpe"):
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; use 'byte' or 'bpe'")
+    if not (math.isfinite(val_fraction) and 0 < val_fraction < 1):
+        raise ValueError(f"--val-fraction {val_fraction} must be a finite number strictly between 0 and 1 "
+                         "(e.g. 0.05)")
+    files = _text_files(inputs)
+    out = Path(out_dir).resolve()
+    _check_out(out, inputs, files)
+    tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer.train([str(f) for f in files], bpe_vocab_size)
+    train, val = _split(tok, files, val_fraction)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()  # fails rather than reuse a directory prepare did not just make
+    try:
+        _write(tmp, tok, train, val, len(files))
+        _move_into_place(tmp, out)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        raise
     return out
 
 

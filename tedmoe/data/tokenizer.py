@@ -5,15 +5,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+
+def read_utf8(path: str | Path) -> str:
+    """A file's text, refused with the file and byte offset when it is not valid UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not valid UTF-8 (byte offset {err.start}: {data[err.start:err.end]!r}); "
+                         "BPE needs UTF-8 text: use --tokenizer byte, or convert the file to UTF-8") from None
+
 
 class ByteTokenizer:
-    """Every UTF-8 byte is a token: vocabulary 256, nothing to train, nothing unknown."""
+    """Every byte is a token: vocabulary 256, nothing to train, nothing unknown. Files are
+    tokenized as raw bytes, so any file, UTF-8 or not, round-trips exactly."""
 
     kind = "byte"
     vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_file(self, path: str | Path) -> np.ndarray:
+        """The file's bytes, one token each."""
+        return np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -33,6 +50,13 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, files: list[str], vocab_size: int) -> BPETokenizer:
+        """Learn merges from ``files``; each must be UTF-8 text (checked first, with the offending file
+        and byte offset named, rather than failing inside ``tokenizers``)."""
+        if vocab_size <= 256:
+            raise ValueError(f"--vocab-size {vocab_size} is too small for BPE: byte-level BPE starts from the "
+                             "256 byte tokens, so the vocabulary must be > 256 (e.g. 2048)")
+        for f in files:
+            read_utf8(f)
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -45,6 +69,10 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text).ids
+
+    def encode_file(self, path: str | Path) -> np.ndarray:
+        """The tokens of a UTF-8 text file."""
+        return np.asarray(self.encode(read_utf8(path)), dtype=np.int64)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)

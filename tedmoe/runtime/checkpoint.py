@@ -106,8 +106,9 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
             shutil.rmtree(final)
         os.replace(tmp, final)
         write_atomic(root / "latest", final.name)
-        complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
-        for old in complete[:-keep] if keep > 0 else []:
+        # rotation: only checkpoints older than this one, never the one just written
+        older = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file() and p.name < final.name)
+        for old in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(topology)
     return final

@@ -14,19 +14,26 @@ import torch
 import torch.distributed as dist
 
 from tedmoe.config import RunConfig
+from tedmoe.fileio import write_atomic
 from tedmoe.data.dataset import BatchSampler, TokenDataset, embedded_corpus_files, prepare
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel import comm, launch
 from tedmoe.parallel.sharding import full_state_dict
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime import checkpoint as ckpt
-from tedmoe.runtime import faults
+from tedmoe.runtime import faults, rundir
 from tedmoe.runtime.engine import Engine
 from tedmoe.runtime.metrics import MetricsWriter, read_metrics, summary
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TEDMOE_CACHE", Path.home() / ".cache" / "tedmoe"))
+    """Where the embedded corpus is prepared: ``$TEDMOE_CACHE`` or ``~/.cache/tedmoe``."""
+    path = Path(os.environ.get("TEDMOE_CACHE", Path.home() / ".cache" / "tedmoe"))
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"the data cache {path} cannot be a directory: {p} is a file; set TEDMOE_CACHE "
+                             "to a directory")
+    return path
 
 
 def data_dir(cfg: RunConfig) -> Path:
@@ -48,24 +55,72 @@ def ensure_data(cfg: RunConfig) -> Path:
     return path
 
 
-def check_before_launch(cfg: RunConfig, world: int, resume: bool) -> None:
-    """Everything that can be checked without process groups, so a mistake fails once, early."""
+def check_memory(cfg: RunConfig, world: int) -> None:
+    """Refuse a run that cannot fit in this machine's memory, with the estimate (CPU ranks share
+    one machine's RAM; on CUDA each rank has its device)."""
+    from tedmoe.parallel.topology import ParallelDims
+    from tedmoe.planner.predict import Plan, memory
+
+    dims = ParallelDims(world, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sp)
+    plan = Plan(cfg.model, world, dims.tp, dims.ep, cfg.micro_batch_size, cfg.seq_len // dims.sp,
+                precision=cfg.train.precision, checkpointing=cfg.train.checkpointing, tile_size=cfg.train.tile_size)
+    model_bytes = memory(plan)["total"]
+    batch_bytes = 3 * 8 * cfg.global_batch_size * (cfg.seq_len + 1)  # every rank draws the global batch (int64)
+    logits = 3 * 4 * cfg.micro_batch_size * cfg.seq_len * cfg.model.vocab_size / dims.tp / dims.sp
+    per_rank = model_bytes + batch_bytes + logits
+    if torch.cuda.is_available() and cfg.parallel.backend in (None, "nccl"):
+        budget, ranks, where = torch.cuda.get_device_properties(0).total_memory, 1, "each GPU has"
+    else:
+        try:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        ranks, where = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world))), "this machine has"
+    if per_rank * ranks > budget:
+        gib = 2**30
+        raise ValueError(f"this run needs about {per_rank / gib:,.1f} GiB per rank (global batch {batch_bytes / gib:,.1f}, "
+                         f"model, optimizer and activations {(model_bytes + logits) / gib:,.1f}) x {ranks} ranks, but "
+                         f"{where} {budget / gib:,.1f} GiB free; lower global_batch_size, micro_batch_size or seq_len, "
+                         "or use more ranks")
+
+
+def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes: bool = False) -> dict:
+    """Everything that can be checked without process groups, so a mistake fails once, early.
+    Returns what a resume would do: ``{"checkpoint": path or None, "step": N, "finished": bool}``."""
     cfg.validate(world)
+    check_memory(cfg, world)
     path = ensure_data(cfg)
     ds = TokenDataset(path, "train", verify=True)
-    TokenDataset(path, "val", verify=True)
+    val = TokenDataset(path, "val", verify=True)
     if ds.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the data's tokenizer has {ds.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; set model.vocab_size >= {ds.vocab_size} (a multiple of tp)")
     BatchSampler(ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
-    if resume:
-        found = ckpt.latest_checkpoint(Path(cfg.out_dir) / "checkpoints")
-        if found is not None:
-            meta = ckpt.read_meta(found)
-            if meta.get("config", {}).get("model") != dataclasses.asdict(cfg.model):
-                raise ckpt.CheckpointError(f"checkpoint {found} was made for another model config; "
-                                           "use another out_dir or the same model settings")
-            ckpt.verify(found)
+    BatchSampler(val, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)
+    found = ckpt.latest_checkpoint(Path(cfg.out_dir) / "checkpoints") if resume else None
+    if found is None:
+        return {"checkpoint": None, "step": 0, "finished": False}
+    meta = ckpt.read_meta(found)
+    if meta.get("config", {}).get("model") != dataclasses.asdict(cfg.model):
+        raise ckpt.CheckpointError(f"checkpoint {found} was made for another model config; "
+                                   "use another out_dir or the same model settings")
+    changes = rundir.resume_changes(meta.get("config", {}), dataclasses.asdict(cfg), meta.get("data"),
+                                    dataset_digest(ds))
+    if changes and not accept_changes:
+        raise ckpt.CheckpointError(f"checkpoint {found} was made with other settings: {'; '.join(changes)}; pass "
+                                   "--accept-changes to continue with the new ones, or resume with the old ones")
+    ckpt.verify(found)
+    return {"checkpoint": found, "step": meta["step"], "finished": meta["step"] >= cfg.train.max_steps}
+
+
+def dataset_digest(ds: TokenDataset) -> dict:
+    """The checksums that identify a prepared dataset (stored in checkpoints, compared on resume)."""
+    return {split: ds.meta[split]["sha256"] for split in ("train", "val")}
+
+
+def _finished_message(cfg: RunConfig, step: int) -> str:
+    return (f"{cfg.out_dir} finished at step {step} (train.max_steps={cfg.train.max_steps}): nothing to do; "
+            "raise train.max_steps and pass --accept-changes to train further")
 
 
 def seq_chunks(micro_batches: list, topo: Topology) -> list:
@@ -88,17 +143,78 @@ def _val_loss(model, sampler: BatchSampler, topo: Topology, micro: int, batches:
         return comm.all_reduce(total, topo.axis("dsp")).item() / (per_rank * topo.size("dp"))
 
 
-def train(cfg: RunConfig, resume: bool = False) -> dict:
-    """Run training on the launched ranks (or one process). Returns the final metrics on rank 0."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) ended the run after a step; the message says what was kept."""
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM set a flag that the loop reads between steps (so a step is never cut in
+    half); a second Ctrl-C in a single process stops at once. Restores the handlers on exit."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested, self.count, self.saved = False, 0, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.requested = True
+        self.count += signum == signal.SIGINT
+        if self.count > 1 and not launch.launched():  # a launcher forwards Ctrl-C too: count only ours
+            raise KeyboardInterrupt
+
+    def agreed(self, world: int) -> bool:
+        """True when any rank was asked to stop (one tiny all-reduce, so all ranks stop together)."""
+        if world == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, accept_changes: bool = False) -> dict:
+    """Run training on the launched ranks (or one process). Returns the final metrics on rank 0.
+    Unless the launching process has already claimed the run directory (``TEDMOE_RUN_CLAIMED``),
+    rank 0 checks everything and claims it here (a torchrun or SLURM launch)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     cfg.validate(world)
     out = Path(cfg.out_dir)
+    lock = None
     if rank == 0:
-        check_before_launch(cfg, world, resume)  # idempotent; prepares the corpus if needed
+        status = check_before_launch(cfg, world, resume, accept_changes)  # idempotent; prepares the corpus
+        if not os.environ.get("TEDMOE_RUN_CLAIMED") and not status["finished"]:
+            lock, notes = rundir.claim(out, resume, overwrite)
+            for note in notes:
+                print(f"tedmoe: {note}", file=sys.stderr, flush=True)
+    try:
+        return _train(cfg, resume, world, rank, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> dict:
     if world > 1:
         launch.init_distributed(cfg.parallel.backend, cfg.parallel.timeout_s)
-        dist.barrier()  # rank 0 has the data ready
+        dist.barrier()  # rank 0 has the data ready and the run directory claimed
+    found = ckpt.latest_checkpoint(out / "checkpoints") if resume else None
+    if found is not None and ckpt.read_meta(found)["step"] >= cfg.train.max_steps:
+        if rank == 0:
+            print(f"tedmoe: {_finished_message(cfg, ckpt.read_meta(found)['step'])}", flush=True)
+        launch.shutdown_distributed()
+        return {}
     topo = Topology(world, tp=cfg.parallel.tp, ep=cfg.parallel.ep, sp=cfg.parallel.sp,
                     timeout_s=cfg.parallel.timeout_s if world > 1 else None)
     path = data_dir(cfg)
@@ -109,14 +225,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     sampler = BatchSampler(train_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
     val_sampler = BatchSampler(val_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)
     start = 0
-    found = ckpt.latest_checkpoint(out / "checkpoints") if resume else None
     if found is not None:
         meta = ckpt.load_checkpoint(found, model, engine.optimizer, topo, dataclasses.asdict(cfg.model))
         sampler.load_state_dict(meta["sampler"])
         start = meta["step"]
+    if rank == 0 and resume:
+        print(f"tedmoe: resuming from step {start} of {out} ({found.name})" if found is not None
+              else f"tedmoe: no checkpoint in {out}: starting at step 0", file=sys.stderr, flush=True)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         shutil.copy(path / "tokenizer.json", out / "tokenizer.json")
     writer = MetricsWriter(out / "metrics.jsonl", rank == 0, start if found else None,
                            out / "tensorboard" if cfg.tensorboard else None)
@@ -129,43 +247,56 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     record: dict = {}
     last = min(cfg.train.max_steps, cfg.stop_after or cfg.train.max_steps)
-    for step in range(start + 1, last + 1):
-        faults.maybe_fail("step", rank, step)
-        engine.poison_next_step = faults.active("nan", rank, step)
-        t0 = time.perf_counter()
-        with comm.LEDGER.capture():
-            try:
-                metrics = engine.train_step(seq_chunks(sampler.micro_batches(dp, dp_rank, micro), topo))
-            except FloatingPointError as err:
-                good = ckpt.latest_checkpoint(out / "checkpoints")
-                raise FloatingPointError(f"{err}; stopping. The last good checkpoint is "
-                                         f"{good if good else 'none (none was written yet)'}") from None
-            totals = {k: comm.LEDGER.total(kind=k) for k in comm.KINDS}
-            by_kind = {k: t.bytes for k, t in totals.items() if t.calls}
-        seconds = time.perf_counter() - t0
-        record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
-                  "comm_bytes": by_kind}
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train.max_steps:
-            record["val_loss"] = _val_loss(model, val_sampler, topo, micro, cfg.eval_batches)
-        writer.write(record)
-        if record.get("skipped") and rank == 0:
-            why = "fp16 overflow" if cfg.train.precision == "fp16" else "non-finite gradients"
-            print(f"tedmoe: step {step} skipped ({why}); loss scale {record['loss_scale']:g}", file=sys.stderr,
-                  flush=True)
+    stop = _StopSignals()
+    saved_step = start
+    try:
+        for step in range(start + 1, last + 1):
+            launch.beat(step)
+            faults.maybe_fail("step", rank, step)
+            engine.poison_next_step = faults.active("nan", rank, step)
+            t0 = time.perf_counter()
+            with comm.LEDGER.capture():
+                try:
+                    metrics = engine.train_step(seq_chunks(sampler.micro_batches(dp, dp_rank, micro), topo))
+                except FloatingPointError as err:
+                    good = ckpt.latest_checkpoint(out / "checkpoints")
+                    raise FloatingPointError(f"{err}; stopping. The last good checkpoint is "
+                                             f"{good if good else 'none (none was written yet)'}") from None
+                totals = {k: comm.LEDGER.total(kind=k) for k in comm.KINDS}
+                by_kind = {k: t.bytes for k, t in totals.items() if t.calls}
+            seconds = time.perf_counter() - t0
+            record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
+                      "comm_bytes": by_kind}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train.max_steps:
+                record["val_loss"] = _val_loss(model, val_sampler, topo, micro, cfg.eval_batches)
+            writer.write(record)
+            if record.get("skipped") and rank == 0:
+                why = "fp16 overflow" if cfg.train.precision == "fp16" else "non-finite gradients"
+                print(f"tedmoe: step {step} skipped ({why}); loss scale {record['loss_scale']:g}", file=sys.stderr,
+                      flush=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            interrupted = stop.agreed(world)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last or interrupted:
+                _save(cfg, out, step, model, engine, topo, sampler, train_ds, world)
+                saved_step = step
+            if interrupted:
+                raise Interrupted(f"interrupted after step {step}; kept the checkpoint "
+                                  f"{out / 'checkpoints' / f'step_{step:07d}'} (continue with --resume)")
+    except KeyboardInterrupt as err:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last:
-            meta = {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict(), "world_size": world,
-                    "layout": {"tp": topo.size("tp"), "ep": topo.size("ep"), "dp": dp, **(
-                        {"sp": topo.size("sp")} if topo.size("sp") > 1 else {})}}
-            saved = ckpt.save_checkpoint(out / "checkpoints", step, model, engine.optimizer, topo, meta,
-                                         cfg.keep_checkpoints)
-            if rank == 0:
-                shutil.copy(out / "tokenizer.json", saved / "tokenizer.json")
+            bar.close()
+        if isinstance(err, Interrupted):
+            raise
+        kept = ckpt.latest_checkpoint(out / "checkpoints")
+        raise Interrupted(f"interrupted during step {saved_step + 1}; the last checkpoint is "
+                          f"{kept if kept else 'none'}") from None
+    finally:
+        stop.restore()
+        writer.close()
     if bar is not None:
         bar.close()
-    writer.close()
     if cfg.export and last == cfg.train.max_steps:
         export(model, topo, cfg, out)
     if rank == 0 and record:
@@ -174,8 +305,20 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         print(summary(read_metrics(out), out, world, layout), flush=True)
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
+    launch.shutdown_distributed()
     return record
+
+
+def _save(cfg: RunConfig, out: Path, step: int, model, engine: Engine, topo: Topology, sampler: BatchSampler,
+          train_ds: TokenDataset, world: int) -> None:
+    meta = {"config": dataclasses.asdict(cfg), "sampler": sampler.state_dict(), "world_size": world,
+            "data": dataset_digest(train_ds) if "val" in train_ds.meta else None,
+            "layout": {"tp": topo.size("tp"), "ep": topo.size("ep"), "dp": topo.size("dp"), **(
+                {"sp": topo.size("sp")} if topo.size("sp") > 1 else {})}}
+    saved = ckpt.save_checkpoint(out / "checkpoints", step, model, engine.optimizer, topo, meta,
+                                 cfg.keep_checkpoints)
+    if topo.rank == 0:
+        shutil.copy(out / "tokenizer.json", saved / "tokenizer.json")
 
 
 def export(model, topo: Topology, cfg: RunConfig, out: Path) -> Path:

@@ -64,7 +64,9 @@ def test_dead_rank_ends_the_run_with_its_name(env, tmp_path):
 def test_hung_rank_times_out(env, tmp_path):
     res, seconds = tedmoe(env, "train", *TINY4, "--set", "parallel.timeout_s=8", "--out", str(tmp_path / "r"),
                           fault="hang@1:3")
-    assert res.returncode != 0 and "tedmoe: error: rank" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert res.stderr.startswith("tedmoe: error: rank 1 stopped answering"), res.stderr[-2000:]  # the hung one
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert seconds < 8 + 45, seconds  # start-up, two steps, then the 8 s collective timeout
     assert leftover_ranks() == []
     print(f"hung rank: run ended {seconds:.1f} s after launch (timeout 8 s)")
