@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=50 (repeatable)")
     t.add_argument("--nproc", type=POSITIVE_INT, help="ranks to launch here (default: parallel.nproc); ignored under torchrun")
+    t.add_argument("--nnodes", type=POSITIVE_INT, default=1, help="machines in the run, each starting the same "
+                   "command with the same --nproc (needs --rdzv-endpoint)")
+    t.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="where the machines meet (torchrun's c10d "
+                   "rendezvous), e.g. the first machine's address and a free port")
+    t.add_argument("--rdzv-id", default="tedmoe", help="a name shared by the machines of one run")
     t.add_argument("--out", help="run directory (same as --set out_dir=...)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     t.add_argument("--overwrite", action="store_true", help="start afresh in a run directory that holds a run "
@@ -115,6 +120,14 @@ def _train(args, argv: list[str]) -> int:
         train(cfg, resume=args.resume, overwrite=args.overwrite, accept_changes=args.accept_changes)
         return 0
     nproc = args.nproc or cfg.parallel.nproc
+    rundir.refuse_if_in_use(cfg.out_dir)
+    if args.nnodes > 1:
+        if not args.rdzv_endpoint:
+            raise ValueError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (the same on every machine)")
+        check_before_launch(cfg, nproc * args.nnodes, args.resume, args.accept_changes)
+        # rank 0, wherever the rendezvous puts it, claims the (shared) run directory
+        return launch.relaunch(nproc, argv, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                               rdzv_id=args.rdzv_id)
     status = check_before_launch(cfg, nproc, args.resume, args.accept_changes)
     if status["finished"]:
         print(f"tedmoe: {_finished_message(cfg, status['step'])}")
@@ -166,6 +179,10 @@ def _plan(args) -> int:
     cands = [c for c in layouts(model, args.gpus, hw, args.global_batch, **kw,
                                 max_tp=max(args.tp or 1, hw.gpus_per_node))
              if (args.tp is None or c.tp == args.tp) and (args.ep is None or c.ep == args.ep)]
+    if not cands:
+        raise ValueError(f"no layout of {args.gpus} GPUs suits this model and batch (global batch {args.global_batch} "
+                         f"must be a multiple of micro-batch {args.micro_batch} x dp for some layout; "
+                         f"try --global-batch {args.micro_batch * args.gpus})")
     if args.json:
         print(json.dumps([dataclasses.asdict(c) for c in cands], indent=2))
     else:

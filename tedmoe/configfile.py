@@ -61,7 +61,13 @@ def load_model_config(path: str) -> ModelConfig:
     if not p.is_file():
         raise ValueError(f"model file {path} does not exist")
     model = ModelConfig()
-    apply_values(model, tomllib.loads(p.read_text()).get("model", {}), "model.")
+    try:
+        values = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"model file {path} is not valid TOML: {err}") from None
+    if not isinstance(values.get("model"), dict):
+        raise ValueError(f"model file {path} has no [model] table")
+    apply_values(model, values["model"], "model.")
     model.moe.hidden_size = model.hidden_size
     return model
 

@@ -37,7 +37,8 @@ def relaunched() -> bool:
     return "TEDMOE_ARGV" in os.environ and launched()
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
+def relaunch(nproc: int, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | None = None,
+             rdzv_id: str = "tedmoe") -> int:
     """Run ``python -m tedmoe.cli ARGV`` on ``nproc`` local ranks through torch.distributed.run.
     ARGV travels in the environment (``TEDMOE_ARGV``) so torchrun's own options never clash.
     Returns the exit code; a failure is one ``tedmoe: error: ...`` line naming the rank."""
@@ -52,14 +53,20 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     os.environ["TEDMOE_ARGV"] = json.dumps(argv)
     # On Ctrl-C the ranks finish their step and save; give them time before the agent kills them.
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "60")
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # our own summary follows
-    args = run.parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "tedmoe.cli"])
+    for name in list(logging.Logger.manager.loggerDict):  # our own one-line summary follows
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    where = (["--standalone"] if nnodes == 1 else
+             [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"])
+    args = run.parse_args([*where, f"--nproc-per-node={nproc}", "--module", "tedmoe.cli"])
     try:
         run.run(args)
     except SignalException as err:  # Ctrl-C or SIGTERM: the ranks have said what they kept
         return 128 + int(err.sigval)
     except ChildFailedError as err:  # the agent stopped every other rank; name the first to fail
         first_rank, first = err.get_first_failure()
+        if first.exitcode == 130:  # interrupted: the ranks stopped together and rank 0 said what they kept
+            return 130
         reason = _recorded_error(first.error_file)
         if reason:  # the rank left its own one-line reason
             print(reason if reason.startswith("tedmoe: ") else f"tedmoe: error: {reason}", file=sys.stderr)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+
+from typing import Annotated
+
+from tedmoe.validation import NonNegFloat, PosFloat, PosInt, Range, coerce, field_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,21 +21,21 @@ class Hardware:
     """One kind of node, repeated. Bandwidths are per GPU, in bytes per second, one direction."""
 
     name: str
-    gpus_per_node: int
+    gpus_per_node: PosInt
     """Devices that share the fast intra-node network."""
-    peak_flops: float
+    peak_flops: PosFloat
     """16-bit dense peak per GPU (FLOP/s)."""
-    memory_bytes: float
+    memory_bytes: PosFloat
     """Device memory per GPU."""
-    intra_bw: float
+    intra_bw: PosFloat
     """Intra-node bandwidth per GPU (NVLink)."""
-    inter_bw: float
+    inter_bw: PosFloat
     """Inter-node bandwidth per node (its NICs), shared by the node's GPUs."""
-    intra_latency: float = 5e-6
+    intra_latency: NonNegFloat = 5e-6
     """Seconds per message step inside a node."""
-    inter_latency: float = 10e-6
+    inter_latency: NonNegFloat = 10e-6
     """Seconds per message step between nodes."""
-    efficiency: float = 0.4
+    efficiency: Annotated[float, Range(gt=0, le=1)] = 0.4
     """Fraction of peak the model's GEMMs reach."""
 
 
@@ -51,7 +55,10 @@ def load_hardware(name_or_path: str) -> Hardware:
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"unknown hardware {name_or_path!r}: use one of {', '.join(PRESETS)} or a TOML file")
-    values = tomllib.loads(path.read_text())
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"hardware file {path} is not valid TOML: {err}") from None
     for key in ("intra_bw", "inter_bw"):
         if f"{key}_gbps" in values:
             values[key] = values.pop(f"{key}_gbps") * GB
@@ -60,4 +67,8 @@ def load_hardware(name_or_path: str) -> Hardware:
     if unknown:
         raise ValueError(f"unknown hardware keys {unknown} in {path}; valid keys: {', '.join(sorted(valid))}")
     values.setdefault("name", path.stem)
-    return Hardware(**values)
+    missing = [f.name for f in fields(Hardware) if f.default is MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"hardware file {path} lacks {', '.join(missing)}; give every one of them")
+    hints = field_hints(Hardware)
+    return Hardware(**{k: coerce(k, v, hints[k]) for k, v in values.items()})

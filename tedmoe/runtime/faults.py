@@ -3,7 +3,8 @@
 Kinds: ``kill`` (SIGKILL this rank at the start of the step), ``hang`` (sleep forever there),
 ``raise`` (raise an error there), ``kill_in_save`` (SIGKILL while the checkpoint of that step is
 being written, after the shards and before it is complete), ``nan`` (make the loss of that step
-NaN; ``rank`` may be ``all``). Several faults are separated by commas. Unset: nothing happens.
+NaN; ``rank`` may be ``all``), ``sigint`` (send SIGINT to this process's whole process group at
+the start of the step, as Ctrl-C in a terminal does). Several faults are separated by commas. Unset: nothing happens.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def maybe_fail(point: str, rank: int, step: int) -> None:
         if active("hang", rank, step):
             while True:
                 time.sleep(60)
+        if active("sigint", rank, step):
+            os.killpg(os.getpgrp(), signal.SIGINT)
         if active("raise", rank, step):
             raise RuntimeError(f"injected failure on rank {rank} at step {step}")
     if point == "save" and active("kill_in_save", rank, step):

@@ -96,6 +96,15 @@ def _aside(path: Path) -> Path:
     raise ValueError(f"too many old runs beside {path}; remove some {path.name}.old-* directories")
 
 
+def refuse_if_in_use(run_dir: str | Path) -> None:
+    """A ``ValueError`` if a live tedmoe run holds ``run_dir``'s lock."""
+    out = Path(run_dir)
+    who = RunLock(out).check() if out.is_dir() else None
+    if who is not None:
+        raise ValueError(f"{out} is in use by another tedmoe run ({who}); wait for it to finish or choose "
+                         f"another --out (if that run is dead, delete {out / LOCK})")
+
+
 def claim(run_dir: str | Path, resume: bool, overwrite: bool) -> tuple[RunLock, list[str]]:
     """Make ``run_dir`` this run's: refuse what is in the way, move an old run aside on
     ``overwrite``, take the lock. Returns the lock (release it at the end) and notes to print."""
@@ -109,10 +118,7 @@ def claim(run_dir: str | Path, resume: bool, overwrite: bool) -> tuple[RunLock, 
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"out_dir {out} lies under {parent}, which is a file; choose another directory")
     if out.is_dir():
-        who = RunLock(out).check()
-        if who is not None:
-            raise ValueError(f"{out} is in use by another tedmoe run ({who}); wait for it to finish or choose "
-                             f"another --out (if that run is dead, delete {out / LOCK})")
+        refuse_if_in_use(out)
         entries = [p for p in out.iterdir() if p.name != LOCK]
         if entries and not is_run(out):
             raise ValueError(f"out_dir {out} is not empty and holds no tedmoe run; choose a new or empty directory "

@@ -193,6 +193,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, accept_
     out = Path(cfg.out_dir)
     lock = None
     if rank == 0:
+        if not os.environ.get("TEDMOE_RUN_CLAIMED"):
+            rundir.refuse_if_in_use(out)
         status = check_before_launch(cfg, world, resume, accept_changes)  # idempotent; prepares the corpus
         if not os.environ.get("TEDMOE_RUN_CLAIMED") and not status["finished"]:
             lock, notes = rundir.claim(out, resume, overwrite)

@@ -24,7 +24,7 @@ def tedmoe(env, *args, fault=None, timeout=240):
     e = dict(env, TEDMOE_FAULT=fault) if fault else env
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "tedmoe.cli", *args], env=e, capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, start_new_session=True)  # its own process group, as in a terminal
     return out, time.monotonic() - t0
 
 
@@ -106,3 +106,21 @@ def test_non_finite_gradients_stop_or_skip(env, tmp_path):
     assert res.returncode == 0 and "step 4 skipped (non-finite gradients)" in res.stderr
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in rows] == [False, False, False, True, False, False]
+
+
+@pytest.mark.parametrize("nproc", [4, 1])
+def test_ctrl_c_saves_says_what_it_kept_and_resumes(env, tmp_path, uninterrupted, nproc):
+    run = tmp_path / "r"
+    args = TINY4 if nproc == 4 else ["--preset", "tiny", "--nproc", "1", "--set", "checkpoint_every=3"]
+    res, seconds = tedmoe(env, "train", *args, "--out", str(run), fault="sigint@0:4")  # Ctrl-C during step 4
+    assert res.returncode == 130, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines == [f"tedmoe: interrupted after step 4; kept the checkpoint {run / 'checkpoints' / 'step_0000004'} "
+                     "(continue with --resume)"], res.stderr[-2000:]
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000004"
+    assert sorted(losses(run)) == [1, 2, 3, 4] and not (run / ".lock").exists()
+    res, _ = tedmoe(env, "train", *args, "--out", str(run), "--resume")
+    assert res.returncode == 0 and "resuming from step 4 of" in res.stderr, res.stderr[-2000:]
+    if nproc == 4:
+        assert losses(run) == uninterrupted
+    assert leftover_ranks() == []

@@ -290,8 +290,9 @@ def test_a_live_lock_refuses_and_a_stale_one_is_replaced(capsys, tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (run / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "time": 0}))
-        code, err = run_cli(capsys, "--out", run, "--set", "train.max_steps=2")
-        _one_line(code, err, f"is in use by another tedmoe run (pid {sleeper.pid} on {socket.gethostname()}")
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, err = run_cli(capsys, "--out", run, "--set", "train.max_steps=2", *extra)
+            _one_line(code, err, f"is in use by another tedmoe run (pid {sleeper.pid} on {socket.gethostname()}")
     finally:
         sleeper.kill()
         sleeper.wait()
