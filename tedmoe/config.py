@@ -43,7 +43,11 @@ class MoEConfig:
     gumbel_noise: bool = False
     """Top-1 only: pick the expert from logits plus Gumbel noise in training (gates stay clean)."""
     router_seed: Seed = 1234
-    """Seed of the router's noise and random token selection (the same on every rank)."""
+    """Seed of the router's noise and random token selection. Draws are a function of (seed,
+    layer, step, token's global position), so every layout draws what one process draws."""
+    aux_loss_type: Literal["all_choices", "switch"] = "all_choices"
+    """Load-balancing loss counts: ``all_choices`` (fraction of all top-k assignments per expert)
+    or ``switch`` (first choices only, as Switch Transformer and DeepSpeed); equal for top-1."""
     activation: Literal["gelu", "swiglu"] = "gelu"
     """Expert MLP activation."""
     dtd: bool = True

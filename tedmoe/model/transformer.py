@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from tedmoe.config import ModelConfig
 from tedmoe.model.attention import Attention
 from tedmoe.moe.layer import MoE
+from tedmoe.moe.noise import TokenContext
 from tedmoe.parallel import comm
 from tedmoe.parallel.sharding import init_layout_invariant, is_expert, mark
 from tedmoe.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
@@ -52,14 +53,16 @@ class Block(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(x))`` (dense or MoE).
     Returns ``(x, aux_loss, z_loss)``; dense blocks return zero losses."""
 
-    def __init__(self, config: ModelConfig, topology: Topology, index: int, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, topology: Topology, index: int, device=None, dtype=None,
+                 context: TokenContext | None = None):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.attn = Attention(config, topology, **kw)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.is_moe = config.is_moe_layer(index)
-        self.mlp = MoE(config.moe, topology, **kw) if self.is_moe else MLP(config, topology, **kw)
+        self.mlp = MoE(config.moe, topology, layer=index, context=context, **kw) if self.is_moe \
+            else MLP(config, topology, **kw)
         self.stats = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,7 +87,9 @@ class GPTMoE(nn.Module):
         self.config, self.topology, self.checkpointing = config, topology, checkpointing
         tp, kw = topology.axis("tp"), {"device": device, "dtype": dtype}
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, **kw)
-        self.blocks = nn.ModuleList(Block(config, topology, i, **kw) for i in range(config.num_layers))
+        self.token_context = TokenContext()  # set per micro-batch by the engine (keys the routers' draws)
+        self.blocks = nn.ModuleList(Block(config, topology, i, context=self.token_context, **kw)
+                                    for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp, bias=False, **kw)
         self.stash_bytes = 0  # CAC: bytes the last forward stashed (the stashes die with the backward)

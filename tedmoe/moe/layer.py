@@ -10,6 +10,7 @@ from torch import nn
 from tedmoe.config import MoEConfig
 from tedmoe.moe.dispatcher import TEDDispatcher
 from tedmoe.moe.experts import GroupedExperts
+from tedmoe.moe.noise import TokenContext
 from tedmoe.moe.router import Router, Routing
 from tedmoe.parallel.topology import Topology
 
@@ -28,17 +29,23 @@ class MoE(nn.Module):
     """A Mixture-of-Experts MLP. ``forward(x [..., H])`` returns ``(y [..., H], MoEStats)``;
     dropped tokens give zero (the caller adds the residual)."""
 
-    def __init__(self, config: MoEConfig, topology: Topology, device=None, dtype=None):
+    def __init__(self, config: MoEConfig, topology: Topology, device=None, dtype=None, layer: int = 0,
+                 context: TokenContext | None = None):
         super().__init__()
         config.validate(topology.size("tp"), topology.size("ep"))
         self.config = config
-        self.router = Router(config, device=device, dtype=dtype, sp=topology.axis("sp"))
+        # which tokens a forward sees (keys the router's draws); a layer on its own counts steps
+        self.context, self._own_context = context or TokenContext(), context is None
+        self.router = Router(config, device=device, dtype=dtype, sp=topology.axis("sp"), layer=layer)
         self.experts = GroupedExperts(config, topology, device=device, dtype=dtype)
         self.dispatcher = TEDDispatcher(config.num_experts, config.top_k, topology, config.dtd)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         x_SH = x.reshape(-1, x.shape[-1])
-        routing: Routing = self.router(x_SH)
+        batch, length = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x_SH.shape[0])
+        routing: Routing = self.router(x_SH, self.context.token_ids(batch, length, x.device), self.context.step)
+        if self._own_context and self.training and torch.is_grad_enabled():
+            self.context.step += 1
         expert_in, plan = self.dispatcher.dispatch(x_SH, routing)
         y_SH = self.dispatcher.combine(self.experts(expert_in), routing, plan)
         stats = MoEStats(routing.aux_loss, routing.z_loss, routing.tokens_per_expert_E,

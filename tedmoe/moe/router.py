@@ -2,7 +2,14 @@
 
 Legend: S tokens, H hidden, E experts, K top-k, C capacity.
 The router is replicated on the TP ranks of a group; its decisions are identical there
-because its input and its noise generator are.
+because its input and its draws are. Every draw is a pure function of the token's global id
+(``tedmoe.moe.noise``), so random routing gives the single-process result in every layout.
+
+Load-balancing loss ``E * sum_e f_e * P_e`` (1.0 for uniform routing), with ``P_e`` the mean
+router probability of expert e and ``f_e`` the fraction of routed assignments to it, counted
+before capacity drops: ``aux_loss_type = "all_choices"`` counts all K choices of every token
+(``f_e = count_e / (S K)``); ``"switch"`` counts first choices only (``f_e = first_e / S``), as
+the Switch Transformer and DeepSpeed's top-1 and top-2 gates do. Both equal for K = 1.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tedmoe.config import MoEConfig
+from tedmoe.moe import noise
 from tedmoe.parallel import comm
 from tedmoe.parallel.sharding import mark
 from tedmoe.parallel.topology import Axis
@@ -66,29 +74,32 @@ def assign_slots(expert_P: torch.Tensor, priority_P: torch.Tensor, num_experts: 
 class Router(nn.Module):
     """Bias-free linear gate computed in fp32, then top-k and capacity."""
 
-    def __init__(self, config: MoEConfig, device=None, dtype=None, sp: Axis | None = None):
+    def __init__(self, config: MoEConfig, device=None, dtype=None, sp: Axis | None = None, layer: int = 0):
         super().__init__()
-        self.config, self.sp = config, sp
+        self.config, self.sp, self.layer = config, sp, layer
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
         mark(self.weight)  # replicated on every rank of a TP group
-        self.generator = torch.Generator(device="cpu" if self.weight.is_meta else self.weight.device)
-        self.generator.manual_seed(config.router_seed)
 
-    def _uniform(self, shape, device) -> torch.Tensor:
-        draw = lambda: torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)  # noqa: E731
-        return comm.replayable(draw)  # a checkpoint recompute reuses the forward's draws
+    def draws(self, stream: int, step: int, token_S: torch.Tensor, width: int) -> torch.Tensor:
+        """This layer's ``[S, width]`` uniforms of one kind for tokens with global ids ``token_S``."""
+        return noise.uniform(self.config.router_seed, self.layer, stream, step, token_S, width)
 
-    def forward(self, x_SH: torch.Tensor) -> Routing:
+    def forward(self, x_SH: torch.Tensor, token_S: torch.Tensor | None = None, step: int = 0) -> Routing:
+        """Route ``S`` tokens; ``token_S`` are their global ids and ``step`` the optimizer step,
+        which key the random draws (needed only for jitter, Gumbel noise or random selection)."""
         cfg, (S, _), E, K = self.config, x_SH.shape, self.config.num_experts, self.config.top_k
         x = x_SH.float()
+        if token_S is None:
+            token_S = torch.arange(S, device=x.device)
         if self.training and cfg.router_jitter > 0:
-            x = x * (1 - cfg.router_jitter + 2 * cfg.router_jitter * self._uniform(x.shape, x.device))
+            u = self.draws(noise.JITTER, step, token_S, x.shape[1])
+            x = x * (1 - cfg.router_jitter + 2 * cfg.router_jitter * u)
         logits_SE = F.linear(x, self.weight.float())
         probs_SE = logits_SE.softmax(dim=-1)
         scores = probs_SE
         if self.training and cfg.gumbel_noise:
-            u = self._uniform(logits_SE.shape, x.device).clamp_(1e-9, 1 - 1e-9)
+            u = self.draws(noise.GUMBEL, step, token_S, E).clamp_(1e-9, 1 - 1e-9)
             scores = logits_SE.detach() - torch.log(-torch.log(u))
         expert_SK = torch.topk(scores.detach(), K, dim=-1).indices
         gate_SK = probs_SE.gather(-1, expert_SK)
@@ -101,8 +112,8 @@ class Router(nn.Module):
             priority = torch.arange(S * K, device=x.device)
         elif cfg.drop_policy == "probs":
             priority = -gate_SK.detach().t().reshape(-1)
-        else:
-            priority = self._uniform((S * K,), x.device)
+        else:  # random token selection: a random priority per (token, choice)
+            priority = self.draws(noise.SELECTION, step, token_S, K).t().reshape(-1)
         slot_P, routed_E = assign_slots(expert_P, priority, E)
         capacity = None if cfg.dropless else cfg.capacity(S, self.training)
         if capacity is not None:
@@ -113,9 +124,13 @@ class Router(nn.Module):
         # Under sequence parallelism the losses are over the whole sequence: the routed fractions
         # f_e are counted over every SP rank (no gradient flows through them) and the probability
         # and z terms are this rank's share, so the SP ranks' losses sum to the full-sequence loss.
-        routed_all, S_all = routed_E, S
+        if cfg.aux_loss_type == "switch":
+            counted_E, per_token = torch.bincount(expert_SK[:, 0], minlength=E), 1
+        else:
+            counted_E, per_token = routed_E, K
+        S_all = S
         if self.sp is not None and self.sp.size > 1:
-            routed_all, S_all = comm.all_reduce(routed_E, self.sp), S * self.sp.size
-        aux = E * torch.sum(routed_all.float() / (S_all * K) * probs_SE.sum(dim=0) / S_all)
+            counted_E, S_all = comm.all_reduce(counted_E, self.sp), S * self.sp.size
+        aux = E * torch.sum(counted_E.float() / (S_all * per_token) * probs_SE.sum(dim=0) / S_all)
         z = torch.logsumexp(logits_SE, dim=-1).square().sum() / S_all
         return Routing(expert_SK, gate_SK, slot_SK, capacity, kept_E, (slot_P < 0).sum(), aux, z)

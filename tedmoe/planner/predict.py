@@ -78,8 +78,14 @@ def _merge(out: dict, part: dict, times: int = 1) -> None:
 
 
 def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
-    """The ledger of one training step on one rank (``CommLedger.as_dict()`` form)."""
+    """The ledger of one training step on one rank (``CommLedger.as_dict()`` form). Capacity
+    mode only: a dropless layer's all-to-all sizes depend on where the router sends tokens, so
+    it is refused rather than guessed."""
     m, d = plan.model, plan.dims
+    if m.moe.dropless and any(m.is_moe_layer(i) for i in range(m.num_layers)):
+        raise ValueError("the planner predicts capacity-mode MoE layers only (a dropless layer's all-to-all sizes "
+                         "depend on the routing); plan with model.moe.dropless=false and capacity_factor set to the "
+                         "load you expect (1.0 for balanced routing)")
     item = DTYPE_BYTES[plan.precision]
     N, H, t = plan.micro_batch * plan.seq_len, m.hidden_size, d.tp
     dtd = m.moe.dtd if dtd is None else dtd

@@ -13,7 +13,6 @@ so DCP can load a checkpoint into any other layout, including one process.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -74,10 +73,6 @@ def _state(model, optimizer, topology: Topology) -> tuple[dict, list]:
     return state, optim
 
 
-def _router_generators(model) -> list[torch.Generator]:
-    return [b.mlp.router.generator for b in model.blocks if b.is_moe]
-
-
 def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Topology, meta: dict,
                     keep: int = 2) -> Path:
     """Save atomically: shards and meta.json into a temporary directory, then rename it and move
@@ -96,9 +91,7 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
     if rank0:
         meta = {**meta, "step": step, "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
                 "loss_scale": optimizer.loss_scale, "good_steps": optimizer.good_steps,
-                "optimizer_steps": optimizer.step_count,
-                "router_rng": [base64.b64encode(g.get_state().numpy().tobytes()).decode()
-                               for g in _router_generators(model)]}
+                "optimizer_steps": optimizer.step_count}
         write_atomic(tmp / "meta.json", json.dumps(meta, indent=2))
     _barrier(topology)
     if rank0:
@@ -172,9 +165,7 @@ def load_checkpoint(path: str | Path, model, optimizer, topology: Topology, mode
     for group, states in optim:
         group.load_per_param_states(states)
     optimizer.loss_scale, optimizer.good_steps = meta["loss_scale"], meta["good_steps"]
-    optimizer.step_count = meta["optimizer_steps"]
-    for g, text in zip(_router_generators(model), meta["router_rng"]):
-        g.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8))
+    optimizer.step_count = meta["optimizer_steps"]  # the routers' draws continue from it
     return meta
 
 

@@ -57,6 +57,20 @@ class Engine:
             out[name] = full_of(g, p, self.topology)
         return out
 
+    def set_token_context(self, micro_batches: list, index: int) -> None:
+        """Tell the model which tokens micro-batch ``index`` holds: its sequences' place in the
+        step's global batch (this DP rank's consecutive share) and, with ``sp > 1``, its chunk's
+        place in the sequence. The routers key their random draws on it."""
+        ctx = getattr(self.model, "token_context", None)
+        if ctx is None:
+            return
+        sp, dp_rank = self.topology.axis("sp"), self.topology.coord("dp")
+        local = sum(ids.shape[0] for ids, _ in micro_batches)
+        ctx.step = self.optimizer.step_count
+        ctx.first_sequence = dp_rank * local + sum(ids.shape[0] for ids, _ in micro_batches[:index])
+        length = micro_batches[index][0].shape[1]
+        ctx.first_position, ctx.sequence_length = sp.rank * length, length * sp.size
+
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
         """Forward and backward every micro-batch, then one optimizer step. Returns metrics:
         the global-batch mean loss and its parts, grad norm, lr, loss scale, skipped, and per
@@ -68,7 +82,8 @@ class Engine:
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         load, drops = None, None
-        for ids, targets in micro_batches:
+        for j, (ids, targets) in enumerate(micro_batches):
+            self.set_token_context(micro_batches, j)
             loss, parts = self.model(ids, targets)
             if self.poison_next_step:
                 loss = loss * float("nan")

@@ -22,3 +22,8 @@ def world4():
 @pytest.fixture(scope="module")
 def world8():
     yield from _world(8)
+
+
+@pytest.fixture(scope="module")
+def world6():
+    yield from _world(6)

@@ -12,6 +12,7 @@ def files(tmp_path_factory):
     (d / "notable.toml").write_text("seed = 1\n")
     (d / "badtype.toml").write_text('[model]\nnum_layers = "x"\n')
     (d / "unknown.toml").write_text("[model]\nlayers = 4\n")
+    (d / "dropless.toml").write_text("[model]\nhidden_size = 256\nnum_heads = 4\n[model.moe]\ndropless = true\n")
     (d / "hw_missing.toml").write_text('name = "x"\n')
     (d / "hw_type.toml").write_text('gpus_per_node = 4\npeak_flops = "fast"\nmemory_bytes = 1e10\n'
                                     "intra_bw = 1e11\ninter_bw = 1e10\n")
@@ -45,6 +46,7 @@ BAD = [  # (args with {d} for the files' directory, message)
     ("--model {d}/notable.toml", "has no [model] table"),
     ("--model {d}/badtype.toml", "model.num_layers='x' is not allowed: it must be an integer >= 1"),
     ("--model {d}/unknown.toml", "unknown config key 'model.layers'"),
+    ("--model {d}/dropless.toml", "the planner predicts capacity-mode MoE layers only"),
     ("--hardware tpu", "unknown hardware 'tpu': use one of summit, perlmutter"),
     ("--hardware {d}/hw_missing.toml", "lacks gpus_per_node, peak_flops, memory_bytes, intra_bw, inter_bw"),
     ("--hardware {d}/hw_type.toml", "peak_flops='fast' is not allowed: it must be a finite number > 0"),

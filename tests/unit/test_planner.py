@@ -94,3 +94,13 @@ def test_plan_cli_reads_a_model_toml(tmp_path):
     assert cands and all(c["tp"] * c["dp"] == 16 and 8 % c["ep"] == 0 for c in cands)
     out = _plan("--model", str(tmp_path / "missing.toml"))
     assert out.returncode == 2 and "model file" in out.stderr and "does not exist" in out.stderr
+
+
+def test_dropless_models_are_refused_not_guessed():
+    from tedmoe.planner.predict import step_comm
+
+    model = paper_model("1.3b", 16)
+    step_comm(Plan(model, 32, 2, 16))  # capacity mode: predicted (held to the ledger in tests/distributed)
+    model.moe.dropless = True
+    with pytest.raises(ValueError, match="the planner predicts capacity-mode MoE layers only"):
+        step_comm(Plan(model, 32, 2, 16))
