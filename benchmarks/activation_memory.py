@@ -1,23 +1,21 @@
 """Activation memory and communication of one training step with activation checkpointing off,
 plain, and communication-aware (CAC), on 4 CPU ranks: (TP, EP, DP) = (2, 2, 2).
 
-Reproduce:  .venv/bin/python benchmarks/activation_memory.py      (launches 4 ranks itself)
+Reproduce:  .venv/bin/python benchmarks/activation_memory.py      (starts its 4 ranks itself)
+            .venv/bin/python benchmarks/activation_memory.py --layers 2 --seq 64 --batch 1   (quick)
 
 Activation memory is counted exactly, not sampled: every tensor autograd saves for backward
 outside a checkpointed region (unique storages, parameters excluded), plus the CAC stash. The
 transient recompute of one block during backward is reported beside it. Communication is the
 ledger's bytes per rank for the step (forward, recompute, backward, optimizer). Prints a table on
-rank 0 and writes benchmarks/results/activation_memory.json.
+rank 0 and writes benchmarks/results/activation_memory-<date>.json (benchmarks/report.py makes it a
+dated report).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,6 +25,8 @@ from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel import comm, launch
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.engine import Engine
+
+import common
 
 
 def saved_bytes(model, fn) -> int:
@@ -77,13 +77,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "activation_memory.json"))
     args = p.parse_args()
     if not launch.launched():
-        from torch.distributed import run
-
-        run.run(run.parse_args(["--standalone", "--nproc-per-node=4", __file__, *sys.argv[1:]]))
-        return 0
+        return common.start_ranks(4)
     launch.init_distributed()
     rows = [measure(args, mode) for mode in ("none", "plain", "cac")]
     if dist.get_rank() == 0:
@@ -97,11 +93,7 @@ def main() -> int:
             print(f"{r['mode']:>6} {r['activation_bytes'] / mb:>9.2f} {r['stash_bytes'] / mb:>9.2f} {total / mb:>9.2f} "
                   f"{(r['recompute_block_bytes'] if r['mode'] != 'none' else 0) / mb:>14.2f} "
                   f"{r['all_to_all_bytes'] / mb:>7.2f} {r['all_reduce_bytes'] / mb:>13.2f} {r['calls']:>6}")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"config": vars(args), "torch": torch.__version__, "python": platform.python_version(),
-                                   "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2))
-        print(f"wrote {out}")
+        common.write_result("activation_memory", vars(args), {"rows": rows})
     dist.destroy_process_group()
     return 0
 

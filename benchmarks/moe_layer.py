@@ -8,24 +8,24 @@ Reproduce:  .venv/bin/python benchmarks/moe_layer.py            (H=512, F=2048, 
 Single process, fp32, capacity factor 1.0. Times are best-of-N wall clock (the layer and the
 experts alone interleaved); the "prof:" columns attribute self CPU time by operator within profiled
 runs of the layer itself, which is steadier than a difference of two noisy timings.
-Prints a table and writes benchmarks/results/moe_layer.json.
+Prints a table and writes benchmarks/results/moe_layer-<date>.json; benchmarks/report.py turns that
+into a dated report.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from tedmoe.config import MoEConfig
 from tedmoe.moe.layer import MoE
 from tedmoe.parallel.topology import Topology
+
+import common
 
 
 def timed(fns, repeats: int) -> list[float]:
@@ -102,7 +102,6 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe_layer.json"))
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -136,12 +135,7 @@ def main() -> None:
         slopes[key] = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
     if slopes:
         print("log-log slope of time vs S: " + ", ".join(f"{k[:-2]} {v:.2f}" for k, v in slopes.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "machine": platform.machine(), "python": platform.python_version(),
-                               "date": time.strftime("%Y-%m-%d"), "rows": rows, "loglog_slopes": slopes}, indent=2))
-    print(f"wrote {out}")
+    common.write_result("moe_layer", vars(args), {"rows": rows, "loglog_slopes": slopes})
 
 
 if __name__ == "__main__":

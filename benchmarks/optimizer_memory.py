@@ -8,7 +8,7 @@ Each configuration runs in a fresh process with MALLOC_MMAP_THRESHOLD_=65536, so
 tensor is its own mapping and is returned to the OS when freed; the process's peak resident set
 is reset (/proc/self/clear_refs) just before ``optimizer.step`` and read after it. The spike is
 that peak minus the resident set before the step. Prints a table, writes
-benchmarks/results/optimizer_memory.json.
+benchmarks/results/optimizer_memory-<date>.json (benchmarks/report.py makes it a dated report).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+import common
 
 
 def _status() -> dict[str, int]:
@@ -71,7 +71,6 @@ def main() -> None:
     p.add_argument("--tiles", type=int, nargs="+", default=[0, 1 << 22, 1 << 20, 1 << 18, 1 << 16],
                    help="tile sizes in elements; 0 = untiled")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "optimizer_memory.json"))
     args = p.parse_args()
     if args.worker is not None:
         print(json.dumps(worker(args)))
@@ -93,12 +92,8 @@ def main() -> None:
         r["reduction"] = untiled / r["spike_bytes"] if r["spike_bytes"] else float("inf")
         print(f"{r['tile_size'] or 'untiled':>10} {tile / shard:>10.4f} {r['spike_bytes'] / 2**20:>9.1f} "
               f"{r['reduction']:>9.1f}x {r['step_seconds']:>7.2f}")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "worker"},
-                                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-                                "rows": rows}, indent=2))
-    print(f"wrote {path}")
+    config = {k: v for k, v in vars(args).items() if k != "worker"}
+    common.write_result("optimizer_memory", config, {"rows": rows}, threads=int(env["OMP_NUM_THREADS"]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism vs a Megatron-style sequence-parallel baseline, per attention layer.
 
-Reproduce:  .venv/bin/python benchmarks/sequence_parallel.py        (launches 8 CPU ranks itself)
+Reproduce:  .venv/bin/python benchmarks/sequence_parallel.py        (starts its 8 CPU ranks itself)
 
 For P = 2, 4, 8 with the sequence growing with P (T = 512 P): bytes each rank sends in one
 forward + backward, from the communication ledger, of the attention block and of a whole
@@ -8,15 +8,13 @@ transformer layer. Ulysses: all-to-alls of q, k, v and the output; its MLP is lo
 all-gather the sequence, heads (and the MLP) split over the same P ranks, reduce-scatter back to
 sequence chunks, around attention and around the MLP. Then, at a
 fixed T = 4096, the activation memory one attention layer saves for backward per rank (exact
-count of saved tensors). Prints tables on rank 0, writes benchmarks/results/sequence_parallel.json.
+count of saved tensors). Prints tables on rank 0, writes benchmarks/results/sequence_parallel-<date>.json
+(benchmarks/report.py makes it a dated report).
 """
 
 from __future__ import annotations
 
-import json
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +26,8 @@ from tedmoe.model.attention import Attention, apply_rotary
 from tedmoe.parallel import comm, launch
 from tedmoe.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from tedmoe.parallel.topology import Topology
+
+import common
 
 H, HEADS, B = 256, 8, 1
 
@@ -94,10 +94,7 @@ def saved_bytes(layer, x) -> int:
 
 def main() -> int:
     if not launch.launched():
-        from torch.distributed import run
-
-        run.run(run.parse_args(["--standalone", "--nproc-per-node=8", __file__, *sys.argv[1:]]))
-        return 0
+        return common.start_ranks(8)
     launch.init_distributed()
     rows, memory = [], []
     for P in (2, 4, 8):
@@ -129,11 +126,9 @@ def main() -> int:
         for m in memory:
             m["relative_times_P"] = m["saved_bytes"] * m["P"] / memory[0]["saved_bytes"]
             print(f"{m['P']:>3} {m['saved_bytes'] / 2**20:>8.2f} {m['relative_times_P']:>12.2f}")
-        out = Path(__file__).parent / "results" / "sequence_parallel.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "bytes": rows,
-                                   "activations": memory}, indent=2))
-        print(f"wrote {out}")
+        config = {"hidden": H, "heads": HEADS, "batch": B, "ranks": 8, "P": [r["P"] for r in rows],
+                  "seq_len_per_P": 512, "memory_seq_len": T}
+        common.write_result("sequence_parallel", config, {"bytes": rows, "activations": memory})
     dist.destroy_process_group()
     return 0
 

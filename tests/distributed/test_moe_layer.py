@@ -18,12 +18,19 @@ from tedmoe.parallel import comm
 from tedmoe.parallel.topology import Topology
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
-LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(1, 4), (2, 2)], 8: [(2, 2), (4, 2)]}  # (tp, ep); dp = world / tp
-H, F, E, S = 8, 16, 4, 12
+LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(1, 4), (2, 2)], 6: [(3, 2), (1, 3), (2, 3)],
+           8: [(2, 2), (4, 2)]}  # (tp, ep); dp = world / tp
+H, S = 8, 12
+SIZES = {6: (24, 6)}  # world -> (ffn F, experts E) where TP 3 / EP 3 need them; else (16, 4)
+
+
+def sizes(world):
+    return SIZES.get(world, (16, 4))
 
 
 def _full_weights(cfg, seed=0):
     g = torch.Generator().manual_seed(seed)
+    E, F = cfg.num_experts, cfg.ffn_hidden_size
     router = torch.randn(E, H, generator=g) * H ** -0.5
     experts = {"w1": torch.randn(E, H, F, generator=g) * 0.3, "w2": torch.randn(E, F, H, generator=g) * 0.3}
     if cfg.activation == "swiglu":
@@ -44,6 +51,7 @@ def _step(layer, x, r):
 
 
 def check_layouts(world):
+    F, E = sizes(world)
     results = {}
     for tp, ep in LAYOUTS[world]:
         topo = Topology(world, tp=tp, ep=ep)
@@ -84,12 +92,15 @@ def check_layouts(world):
 
 
 def check_ledger(world):
-    """Capacity mode with C divisible by TP: ledger = docstring formulas; DTD a2a bytes = 1/TP."""
+    """Capacity mode: ledger = docstring formulas; DTD divides the a2a bytes by C / ceil(C / TP)
+    (exactly TP when TP divides the capacity C; world 6 has C = 8 with TP 3: padded)."""
+    F, E = sizes(world)
+    C = -(-2 * 2 * S // E)  # top-2, capacity factor 1.0, 2S tokens
     out = {}
     for tp, ep in LAYOUTS[world]:
         topo = Topology(world, tp=tp, ep=ep)
         x, r = _batch(topo.size("dp"))
-        x = torch.cat([x, x], 1)[topo.coord("dp")]  # 24 tokens, capacity ceil(2 * 1.0 * 24 / 4) = 12
+        x = torch.cat([x, x], 1)[topo.coord("dp")]  # 24 tokens, capacity ceil(2 * 1.0 * 24 / E)
         r = torch.cat([r, r], 1)[topo.coord("dp")]
         a2a = {}
         for dtd in (True, False):
@@ -99,11 +110,11 @@ def check_ledger(world):
             with comm.LEDGER.capture():
                 _step(layer, x, r)
             got = comm.LEDGER.as_dict()
-            assert got == capacity_comm(2 * S, H, E, 2, 12, tp, ep, dtd), (tp, ep, dtd, got)
+            assert got == capacity_comm(2 * S, H, E, 2, C, tp, ep, dtd), (tp, ep, dtd, got)
             a2a[dtd] = comm.LEDGER.total(kind="all_to_all").bytes
         if ep > 1:
-            assert a2a[True] * tp == a2a[False], (tp, ep, a2a)
-        out[(tp, ep)] = a2a
+            assert a2a[True] * C == a2a[False] * -(-C // tp), (tp, ep, C, a2a)
+        out[(tp, ep)] = (C, a2a)
         # dropless: the same collectives, plus one all-to-all of the int64 [ep, E / ep] segment lengths
         cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, dropless=True)
         layer = MoE(cfg, topo)
@@ -111,7 +122,7 @@ def check_ledger(world):
         with comm.LEDGER.capture():
             _step(layer, x, r)
         calls = {p: {k: v["calls"] for k, v in d.items()} for p, d in comm.LEDGER.as_dict().items()}
-        expect = {p: {k: v["calls"] for k, v in d.items()} for p, d in capacity_comm(2 * S, H, E, 2, 12, tp, ep, True).items()}
+        expect = {p: {k: v["calls"] for k, v in d.items()} for p, d in capacity_comm(2 * S, H, E, 2, C, tp, ep, True).items()}
         if ep > 1:
             expect["fwd"]["all_to_all/ep"] += 1
         assert calls == expect, (tp, ep, calls)
@@ -121,6 +132,7 @@ def check_ledger(world):
 def check_rts_layouts(world):
     """Random token selection: the seeded router makes the same choices in every layout."""
     tp, ep = LAYOUTS[world][-1]
+    F, E = sizes(world)
     topo = Topology(world, tp=tp, ep=ep)
     cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, capacity_factor=0.5,
                     min_capacity=1, drop_policy="random")
@@ -130,6 +142,7 @@ def check_rts_layouts(world):
     layer = MoE(cfg, topo)
     layer.load_full(*_full_weights(cfg))
     d = topo.coord("dp")
+    ref.context.first_sequence = layer.context.first_sequence = d  # shard d holds the batch's sequence d
     y_ref, g_ref, s_ref = _step(ref, xs[d], rs[d])
     y, g, s = _step(layer, xs[d], rs[d])
     torch.testing.assert_close(y, y_ref, **TOL)
@@ -137,7 +150,7 @@ def check_rts_layouts(world):
     assert float(s.drop_fraction) > 0
 
 
-@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("world", [2, 4, 6, 8])
 def test_moe_layer_matches_single_process(world, request):
     w = request.getfixturevalue(f"world{world}")
     drops = w.run(check_layouts, world)[0]
@@ -146,10 +159,14 @@ def test_moe_layer_matches_single_process(world, request):
     w.run(check_rts_layouts, world)
 
 
-@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("world", [2, 4, 6, 8])
 def test_moe_layer_communication(world, request):
     w = request.getfixturevalue(f"world{world}")
     a2a = w.run(check_ledger, world)
-    for (tp, ep), per in a2a[0].items():
+    for (tp, ep), (C, per) in a2a[0].items():
         if ep > 1 and tp > 1:
-            assert per[True] * tp == per[False] > 0
+            cut = per[False] / per[True]
+            assert cut == C / -(-C // tp) and per[True] > 0
+            assert (cut == tp) == (C % tp == 0)  # exactly TP only when TP divides the capacity
+            if world == 6 and tp == 3:
+                assert (C, cut) == (8, 8 / 3)  # padded: 3 slots of 8/3 per TP rank

@@ -67,7 +67,7 @@ def test_hung_rank_times_out(env, tmp_path):
     assert res.returncode == 1, res.stderr[-2000:]
     assert res.stderr.startswith("tedmoe: error: rank 1 stopped answering"), res.stderr[-2000:]  # the hung one
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert seconds < 8 + 45, seconds  # start-up, two steps, then the 8 s collective timeout
+    assert seconds < 8 + 70, seconds  # start-up, two steps, then the 8 s collective timeout (2 busy cores)
     assert leftover_ranks() == []
     print(f"hung rank: run ended {seconds:.1f} s after launch (timeout 8 s)")
 
