@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tedmoe.config import ModelConfig, MoEConfig, TrainConfig
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel import comm, launch
+from tedmoe.parallel.activation_checkpoint import apply_checkpointing
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.engine import Engine
 
@@ -50,14 +51,15 @@ def measure(args, mode: str) -> dict:
     moe = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.hidden * 2, num_experts=8, top_k=2)
     cfg = ModelConfig(vocab_size=256, hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
                       ffn_hidden_size=args.hidden * 4, max_seq_len=args.seq, moe=moe)
-    model = GPTMoE(cfg, topo, checkpointing=mode)
+    model = GPTMoE(cfg, topo)
+    apply_checkpointing(model, mode)
     model.init_weights(0)
     engine = Engine(model, topo, TrainConfig())
     g = torch.Generator().manual_seed(topo.coord("dp"))
     ids = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g)
     with comm.LEDGER.capture():
         activations, (loss, _) = saved_bytes(model, lambda: model(ids[:, :-1], ids[:, 1:]))
-        stash = model.stash_bytes
+        stash = model.checkpointing.stash_bytes
         loss.backward()
         engine.optimizer.step(1)
     x = model.embed(ids[:, :-1]).detach()

@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args, argv: list[str]) -> int:
-    from tedmoe.configfile import dump_run_config, load_run_config
+    from tedmoe.config import dump_run_config, load_run_config
     from tedmoe.runtime import rundir
     from tedmoe.runtime.trainer import _finished_message, check_before_launch, train
 
@@ -160,7 +160,7 @@ def _plan(args) -> int:
     import dataclasses
     import json
 
-    from tedmoe.configfile import load_model_config
+    from tedmoe.config import load_model_config
     from tedmoe.parallel.topology import ParallelDims
     from tedmoe.planner.hardware import load_hardware
     from tedmoe.planner.search import GiB, largest_layers, layouts, paper_model, smallest_cluster, table
@@ -217,7 +217,7 @@ def _run(args, argv: list[str]) -> int:
     if args.command == "plan":
         return _plan(args)
     if args.command == "plot":
-        from tedmoe.plots import plot_run
+        from tedmoe.runtime.plots import plot_run
 
         for path in plot_run(args.run_dir):
             print(path)

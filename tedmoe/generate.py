@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tedmoe.configfile import from_dict
+from tedmoe.config import from_dict
 from tedmoe.data.tokenizer import load_tokenizer
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology

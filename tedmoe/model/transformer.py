@@ -6,13 +6,11 @@ Model code never builds process groups: it receives a ``Topology``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from tedmoe.config import ModelConfig
 from tedmoe.model.attention import Attention
@@ -80,11 +78,10 @@ class GPTMoE(nn.Module):
     parts, detached, for logging. With ``sp > 1`` the inputs are this rank's chunk of each
     sequence and the loss is this rank's share: the SP ranks' losses sum to the sequence's."""
 
-    def __init__(self, config: ModelConfig, topology: Topology, device=None, dtype=None,
-                 checkpointing: str = "none"):
+    def __init__(self, config: ModelConfig, topology: Topology, device=None, dtype=None):
         super().__init__()
         config.validate(topology.size("tp"), topology.size("ep"), topology.size("sp"))
-        self.config, self.topology, self.checkpointing = config, topology, checkpointing
+        self.config, self.topology = config, topology
         tp, kw = topology.axis("tp"), {"device": device, "dtype": dtype}
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, **kw)
         self.token_context = TokenContext()  # set per micro-batch by the engine (keys the routers' draws)
@@ -92,8 +89,6 @@ class GPTMoE(nn.Module):
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp, bias=False, **kw)
-        self.stash_bytes = 0  # CAC: bytes the last forward stashed (the stashes die with the backward)
-        self._stashes: list = []
 
     def init_weights(self, seed: int) -> None:
         """The same weights in every layout: N(0, 0.02), output projections scaled by
@@ -110,29 +105,14 @@ class GPTMoE(nn.Module):
 
         init_layout_invariant(self, self.topology, seed, init_full)
 
-    def _block(self, block: Block, x: torch.Tensor):
-        if self.checkpointing == "none" or not torch.is_grad_enabled():
-            return block(x)
-        if self.checkpointing == "plain":
-            # the whole block runs again, every collective included (the baseline CAC improves on)
-            contexts = lambda: (contextlib.nullcontext(), comm.LEDGER.phase("recompute"))  # noqa: E731
-            return checkpoint(block, x, use_reentrant=False, context_fn=contexts, early_stop=False)
-        stash = comm.CommStash()
-        self._stashes.append(stash)
-        contexts = lambda: (stash.recording(), stash.replaying())  # noqa: E731
-        return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
-
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100):
-        self._stashes = []
         x = self.embed(ids_BT)
         aux, z = [], []
         for block in self.blocks:
-            x, a, zl = self._block(block, x)
+            x, a, zl = block(x)
             if block.is_moe:
                 aux.append(a)
                 z.append(zl)
-        self.stash_bytes = sum(s.nbytes() for s in self._stashes)
-        self._stashes = []  # only the checkpoints keep them alive, until their backward
         logits = self.head(self.norm(x))
         per_token = vocab_parallel_cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), self.topology.axis("tp"),
                                                  ignore_index)
@@ -155,7 +135,7 @@ class GPTMoE(nn.Module):
         x = self.embed(ids_BT)
         for block in self.blocks:
             x = block(x)[0]
-        return comm.gather_slices(self.head(self.norm(x)), self.topology.axis("tp"), -1)
+        return comm.gather_split(self.head(self.norm(x)), self.topology.axis("tp"), -1)
 
     def moe_stats(self) -> list:
         """The last forward's ``MoEStats`` of every MoE block, in order."""

@@ -12,7 +12,6 @@ import torch
 
 from tedmoe.moe.router import Routing
 from tedmoe.parallel import comm
-from tedmoe.parallel.comm import sent_bytes
 from tedmoe.parallel.topology import Topology
 
 
@@ -51,7 +50,8 @@ class TEDDispatcher:
 
     Backward runs the reverse: 7 all-reduce of the ``[S K]`` fp32 gate gradient (DTD),
     6 all-to-all, 5 all-gather (DTD), 4 reduce-scatter (DTD), 3 all-to-all, 1 all-reduce.
-    ``capacity_comm`` states the exact calls and bytes; the tests hold the ledger to it.
+    ``tedmoe.moe.dispatch_comm.capacity_comm`` states the exact calls and bytes; the tests hold
+    the ledger to it.
     """
 
     def __init__(self, num_experts: int, top_k: int, topology: Topology, dtd: bool = True):
@@ -126,36 +126,3 @@ class TEDDispatcher:
         weighted = back.index_select(0, plan.rows) * gates.index_select(0, plan.pairs).to(back.dtype).unsqueeze(1)
         out = back.new_zeros(plan.num_tokens, back.shape[1]).index_add(0, plan.tokens, weighted)
         return comm.reduce_from_region(out, tp) if self.dtd else out
-
-
-def capacity_comm(num_tokens: int, hidden: int, num_experts: int, top_k: int, capacity: int,
-                  tp: int, ep: int, dtd: bool, itemsize: int = 4) -> dict:
-    """The ledger (``CommLedger.as_dict()``) of one forward + backward of a capacity-bounded
-    MoE layer on one rank, from the steps in ``TEDDispatcher``'s docstring."""
-    dtd = dtd and tp > 1
-    seg = -(-capacity // tp) if dtd else capacity
-    rows = num_experts * seg  # sent and received per rank
-    out: dict = {}
-
-    def add(phase, kind, axis, numel, n, item=itemsize, send_numel=None):
-        if n == 1:
-            return
-        e = out.setdefault(phase, {}).setdefault(f"{kind}/{axis}", {"calls": 0, "bytes": 0, "payload": 0})
-        e["calls"] += 1
-        e["bytes"] += sent_bytes(kind, n, numel, item, send_numel)
-        e["payload"] += numel * item
-
-    a2a_send = (num_experts - num_experts // ep) * seg * hidden
-    for phase in ("fwd", "bwd"):
-        add(phase, "all_to_all", "ep", rows * hidden, ep, send_numel=a2a_send)
-        add(phase, "all_to_all", "ep", rows * hidden, ep, send_numel=a2a_send)
-    if dtd:
-        for phase in ("fwd", "bwd"):
-            add(phase, "all_gather", "tp", rows * hidden, tp)
-            add(phase, "reduce_scatter", "tp", tp * rows * hidden, tp)
-        add("fwd", "all_reduce", "tp", num_tokens * hidden, tp)
-        add("bwd", "all_reduce", "tp", num_tokens * top_k, tp, item=4)
-    else:
-        add("fwd", "all_reduce", "tp", rows * hidden, tp)
-    add("bwd", "all_reduce", "tp", num_tokens * hidden, tp)
-    return out

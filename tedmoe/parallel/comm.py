@@ -1,184 +1,26 @@
-"""Autograd-aware collectives over a mesh axis, and the communication ledger.
+"""Autograd-aware collectives over a mesh axis.
 
-Every collective in tedmoe goes through ``_collective``, which runs it on the axis's
-process group and records it in ``LEDGER``. A collective over an axis of size 1 is the
+Every collective in tedmoe goes through ``_collective``, which runs it on the axis's process
+group and records it in the ledger (``tedmoe.parallel.ledger``; its docstring defines the bytes
+counted), or, inside a CAC recompute, replays the recorded output
+(``tedmoe.parallel.activation_checkpoint``). A collective over an axis of size 1 is the
 identity: nothing runs and nothing is recorded.
-
-What the ledger counts as **bytes sent** by one rank for one call, with ``n`` the axis
-size and ``B`` the bytes of the tensor this rank hands in:
-
-=================  ============================================  ==========================
-kind               bytes sent                                    model
-=================  ============================================  ==========================
-all_reduce         ``2 * (n - 1) * ceil(numel / n) * itemsize``  ring: reduce-scatter +
-                                                                 all-gather of n chunks
-all_gather         ``(n - 1) * B``                               each shard reaches n-1 peers
-reduce_scatter     ``(n - 1) * B / n``                           ring; B divisible by n
-all_to_all         bytes of the chunks addressed to other ranks  direct; own chunk stays
-=================  ============================================  ==========================
-
-``payload`` is ``B`` itself (the message size). Calls and bytes are kept per
-``(phase, kind, axis)``; the phase is ``"bwd"`` inside autograd backward and otherwise the
-innermost ``LEDGER.phase(...)`` scope (default ``"fwd"``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections import defaultdict
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
+from tedmoe.parallel.activation_checkpoint import replayable
+from tedmoe.parallel.ledger import KINDS, LEDGER, sent_bytes  # noqa: F401 (KINDS re-exported)
 from tedmoe.parallel.topology import Axis
-
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 # torch 2.13 renamed the flat-tensor collectives; older releases only have the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-@dataclass
-class LedgerEntry:
-    calls: int = 0
-    bytes: int = 0
-    payload: int = 0
-
-
-def sent_bytes(kind: str, n: int, numel: int, itemsize: int, send_numel: int | None = None) -> int:
-    """Bytes one rank sends for one collective (the table in the module docstring)."""
-    if n == 1:
-        return 0
-    if kind == "all_reduce":
-        return 2 * (n - 1) * math.ceil(numel / n) * itemsize
-    if kind == "all_gather":
-        return (n - 1) * numel * itemsize
-    if kind == "reduce_scatter":
-        return (n - 1) * (numel // n) * itemsize
-    if kind == "all_to_all":
-        assert send_numel is not None, "all_to_all needs the element count sent to other ranks"
-        return send_numel * itemsize
-    raise ValueError(f"unknown collective kind {kind!r}; valid kinds are {', '.join(KINDS)}")
-
-
-class CommLedger:
-    """Counts calls, bytes sent and payload per (phase, kind, axis). Off until enabled."""
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.entries: dict[tuple[str, str, str], LedgerEntry] = defaultdict(LedgerEntry)
-        self._phases: list[str] = ["fwd"]
-
-    def record(self, kind: str, axis: str, sent: int, payload: int, phase: str | None = None) -> None:
-        if not self.enabled:
-            return
-        entry = self.entries[(phase or self._phases[-1], kind, axis)]
-        entry.calls += 1
-        entry.bytes += sent
-        entry.payload += payload
-
-    def reset(self) -> None:
-        self.entries.clear()
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Record collectives issued (outside autograd backward) in this block under ``name``."""
-        self._phases.append(name)
-        try:
-            yield
-        finally:
-            self._phases.pop()
-
-    @contextlib.contextmanager
-    def capture(self, reset: bool = True) -> Iterator[CommLedger]:
-        """Enable recording for a block (clearing old entries first unless ``reset=False``)."""
-        was, self.enabled = self.enabled, True
-        if reset:
-            self.reset()
-        try:
-            yield self
-        finally:
-            self.enabled = was
-
-    def total(self, kind: str | None = None, axis: str | None = None, phase: str | None = None) -> LedgerEntry:
-        """Sum of the entries matching every given filter."""
-        out = LedgerEntry()
-        for (p, k, a), e in self.entries.items():
-            if kind in (None, k) and axis in (None, a) and phase in (None, p):
-                out.calls += e.calls
-                out.bytes += e.bytes
-                out.payload += e.payload
-        return out
-
-    def as_dict(self) -> dict[str, dict[str, dict[str, int]]]:
-        """``{phase: {"kind/axis": {"calls", "bytes", "payload"}}}``, sorted."""
-        out: dict[str, dict[str, dict[str, int]]] = {}
-        for (p, k, a), e in sorted(self.entries.items()):
-            out.setdefault(p, {})[f"{k}/{a}"] = {"calls": e.calls, "bytes": e.bytes, "payload": e.payload}
-        return out
-
-    def table(self) -> str:
-        """A fixed-width table of every entry and the total."""
-        rows = [(p, k, a, e.calls, e.bytes, e.payload) for (p, k, a), e in sorted(self.entries.items())]
-        t = self.total()
-        rows.append(("total", "", "", t.calls, t.bytes, t.payload))
-        head = ("phase", "kind", "axis", "calls", "bytes sent", "payload")
-        cells = [head] + [(p, k, a, f"{c:,}", f"{b:,}", f"{pl:,}") for p, k, a, c, b, pl in rows]
-        widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-        lines.insert(1, "-" * len(lines[0]))
-        return "\n".join(lines)
-
-
-LEDGER = CommLedger()
-
-
-class CommStash:
-    """Communication-aware activation checkpointing: the outputs of the collectives (and random
-    draws) of a checkpointed forward are recorded, and its recompute replays them in order, so
-    the recompute is local math only. The stash's tensors are the memory this costs."""
-
-    _active: list[CommStash] = []
-
-    def __init__(self) -> None:
-        self.items: list = []
-        self.mode: str | None = None
-
-    @contextlib.contextmanager
-    def _use(self, mode: str) -> Iterator[None]:
-        if mode == "replay":
-            self.items.reverse()  # pop() from the end returns them in recorded order
-        self.mode = mode
-        CommStash._active.append(self)
-        try:
-            yield
-        finally:
-            CommStash._active.pop()
-            self.mode = None
-
-    def recording(self):
-        return self._use("record")
-
-    def replaying(self):
-        return self._use("replay")
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.items if isinstance(t, torch.Tensor))
-
-
-def replayable(fn):
-    """``fn()``, except inside a CAC recompute, where the value recorded in the forward returns."""
-    stash = CommStash._active[-1] if CommStash._active else None
-    if stash is not None and stash.mode == "replay":
-        return stash.items.pop()
-    out = fn()
-    if stash is not None:
-        stash.items.append(out)
-    return out
 
 
 def _collective(kind: str, axis: Axis, x: torch.Tensor, phase: str | None, **kw) -> torch.Tensor:
@@ -335,7 +177,7 @@ class _ReduceScatter(torch.autograd.Function):
         return all_gather(g, ctx.axis, ctx.dim, phase="bwd"), None, None
 
 
-class _DropToSlice(torch.autograd.Function):
+class _SplitAlong(torch.autograd.Function):
     """Forward: keep this rank's slice along ``dim``. Backward: all-gather the gradient slices."""
 
     @staticmethod
@@ -348,7 +190,7 @@ class _DropToSlice(torch.autograd.Function):
         return all_gather(g, ctx.axis, ctx.dim, phase="bwd"), None, None
 
 
-class _GatherSlices(torch.autograd.Function):
+class _GatherSplit(torch.autograd.Function):
     """Forward: all-gather slices along ``dim``. Backward: keep this rank's slice of the gradient."""
 
     @staticmethod
@@ -398,17 +240,19 @@ def reduce_scatter_along(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
     return _ReduceScatter.apply(x, axis, dim)
 
 
-def drop_to_slice(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
-    """DTD: keep this rank's 1/n slice along ``dim``; the gradient slices are all-gathered back."""
+def split_along(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
+    """Keep this rank's 1/n slice along ``dim`` of a tensor every rank holds (e.g. a replicated
+    input entering a row-parallel linear); backward all-gathers the gradient slices."""
     if axis.size == 1:
         return x
     _check_divisible(x, dim, axis)
-    return _DropToSlice.apply(x, axis, dim)
+    return _SplitAlong.apply(x, axis, dim)
 
 
-def gather_slices(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
-    """DTD: rebuild the full tensor from every rank's slice (consumers identical on every rank)."""
-    return x if axis.size == 1 else _GatherSlices.apply(x, axis, dim)
+def gather_split(x: torch.Tensor, axis: Axis, dim: int) -> torch.Tensor:
+    """Rebuild the full tensor from every rank's slice when every rank then uses it alike (e.g.
+    gathered logits); backward keeps this rank's slice of the gradient (no reduction)."""
+    return x if axis.size == 1 else _GatherSplit.apply(x, axis, dim)
 
 
 def all_to_all_autograd(

@@ -68,7 +68,7 @@ class ColumnParallelLinear(nn.Module):
         if self.copy_input:  # off when the caller entered the region once for several layers
             x = comm.copy_to_region(x, self.axis)
         y = F.linear(x, self.weight, self.bias)
-        return comm.gather_slices(y, self.axis, -1) if self.gather_output else y
+        return comm.gather_split(y, self.axis, -1) if self.gather_output else y
 
     def full_weight(self, shard: torch.Tensor | None = None) -> torch.Tensor:
         """The full ``[O, I]`` weight (or any tensor shaped like the shard, e.g. its grad)."""
@@ -114,7 +114,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
-            x = comm.drop_to_slice(x, self.axis, -1)
+            x = comm.split_along(x, self.axis, -1)
         y = F.linear(x, self.weight)
         if not self.reduce_output:
             return y

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typing import Annotated
 
-from tedmoe.validation import NonNegFloat, PosFloat, PosInt, Range, coerce, field_hints
+from tedmoe.config.validation import NonNegFloat, PosFloat, PosInt, Range, coerce, field_hints
 
 if sys.version_info >= (3, 11):
     import tomllib

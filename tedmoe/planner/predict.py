@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 
 from tedmoe.config import ModelConfig
-from tedmoe.moe.dispatcher import capacity_comm
-from tedmoe.parallel.comm import sent_bytes
+from tedmoe.moe.dispatch_comm import capacity_comm
+from tedmoe.parallel.ledger import add as _add
+from tedmoe.parallel.ledger import merge as _merge
 from tedmoe.parallel.topology import ParallelDims, axis_groups
 from tedmoe.planner.hardware import Hardware
 
@@ -57,24 +58,6 @@ def param_counts(model: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, int]
     sharded = 2 * V * H + L * attn + (L - n_moe) * (2 * H * F + F)
     return {"non_expert": sharded // tp + replicated, "expert": n_moe * experts // (tp * ep),
             "total": sharded + replicated + n_moe * experts, "expert_total": n_moe * experts}
-
-
-def _add(out: dict, phase: str, kind: str, axis: str, n: int, numel: int, item: int, send_numel: int | None = None,
-         calls: int = 1) -> None:
-    if n == 1 or calls == 0:
-        return
-    e = out.setdefault(phase, {}).setdefault(f"{kind}/{axis}", {"calls": 0, "bytes": 0, "payload": 0})
-    e["calls"] += calls
-    e["bytes"] += calls * sent_bytes(kind, n, numel, item, send_numel)
-    e["payload"] += calls * numel * item
-
-
-def _merge(out: dict, part: dict, times: int = 1) -> None:
-    for phase, entries in part.items():
-        for key, e in entries.items():
-            d = out.setdefault(phase, {}).setdefault(key, {"calls": 0, "bytes": 0, "payload": 0})
-            for f in ("calls", "bytes", "payload"):
-                d[f] += times * e[f]
 
 
 def step_comm(plan: Plan, dtd: bool | None = None) -> dict:

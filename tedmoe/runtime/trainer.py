@@ -18,6 +18,7 @@ from tedmoe.fileio import write_atomic
 from tedmoe.data.dataset import BatchSampler, TokenDataset, embedded_corpus_files, prepare
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel import comm, launch
+from tedmoe.parallel.activation_checkpoint import apply_checkpointing
 from tedmoe.parallel.sharding import full_state_dict
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime import checkpoint as ckpt
@@ -221,8 +222,9 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
                     timeout_s=cfg.parallel.timeout_s if world > 1 else None)
     path = data_dir(cfg)
     train_ds, val_ds = TokenDataset(path, "train", verify=False), TokenDataset(path, "val", verify=False)
-    model = GPTMoE(cfg.model, topo, checkpointing=cfg.train.checkpointing)
+    model = GPTMoE(cfg.model, topo)
     model.init_weights(cfg.seed)
+    apply_checkpointing(model, cfg.train.checkpointing)
     engine = Engine(model, topo, cfg.train)
     sampler = BatchSampler(train_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
     val_sampler = BatchSampler(val_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)

@@ -40,12 +40,12 @@ def check_gather_and_scatter_pairs(tp):
     assert torch.equal(y, full.chunk(n, 0)[r] * sum(i + 1 for i in range(n)))
     assert torch.equal(g, full + 100)
     # DTD pair: drop to the local slice, gather the slices
-    y, g = _grad_of(lambda t: comm.drop_to_slice(t, axis, 0), full, full.chunk(n, 0)[r] * -1)
+    y, g = _grad_of(lambda t: comm.split_along(t, axis, 0), full, full.chunk(n, 0)[r] * -1)
     assert torch.equal(y, full.chunk(n, 0)[r]) and torch.equal(g, -full)
-    y, g = _grad_of(lambda t: comm.gather_slices(t, axis, 1), mine, full * 3)
+    y, g = _grad_of(lambda t: comm.gather_split(t, axis, 1), mine, full * 3)
     assert torch.equal(y, full) and torch.equal(g, mine * 3)
     # round trips are identities
-    assert torch.equal(comm.gather_slices(comm.drop_to_slice(full, axis, 1), axis, 1), full)
+    assert torch.equal(comm.gather_split(comm.split_along(full, axis, 1), axis, 1), full)
 
 
 def _a2a_input(r, in_splits):

@@ -14,6 +14,7 @@ import torch
 from tedmoe.config import ModelConfig, MoEConfig, TrainConfig
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel import comm
+from tedmoe.parallel.activation_checkpoint import CommStash, apply_checkpointing
 from tedmoe.parallel.sharding import full_state_dict, load_full_state_dict, tp_dim
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.engine import Engine
@@ -46,8 +47,9 @@ def micro_batches(step, dp=1, dp_rank=0):
 
 
 def build(topology, train_cfg, checkpointing="none", model_cfg=None):
-    model = GPTMoE(model_cfg or model_config(), topology, checkpointing=checkpointing)
+    model = GPTMoE(model_cfg or model_config(), topology)
     model.init_weights(seed=0)
+    apply_checkpointing(model, checkpointing)
     return Engine(model, topology, train_cfg)
 
 
@@ -142,8 +144,8 @@ def check_checkpointing():
         with comm.LEDGER.capture():
             for ids, targets in mbs:
                 loss = engine.model(ids, targets)[0]
-                stash = engine.model.stash_bytes
-                live = [weakref.ref(s) for s in gc.get_objects() if isinstance(s, comm.CommStash)]
+                stash = engine.model.checkpointing.stash_bytes
+                live = [weakref.ref(s) for s in gc.get_objects() if isinstance(s, CommStash)]
                 assert len(live) == (2 if mode == "cac" else 0)  # one per block, held by its checkpoint
                 loss.backward()
                 del loss

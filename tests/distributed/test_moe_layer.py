@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tedmoe.config import MoEConfig
-from tedmoe.moe.dispatcher import capacity_comm
+from tedmoe.moe.dispatch_comm import capacity_comm
 from tedmoe.moe.layer import MoE
 from tedmoe.parallel import comm
 from tedmoe.parallel.topology import Topology

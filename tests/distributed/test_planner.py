@@ -6,6 +6,7 @@ import torch
 
 from tedmoe.config import ModelConfig, MoEConfig, TrainConfig
 from tedmoe.model.transformer import GPTMoE
+from tedmoe.parallel.activation_checkpoint import apply_checkpointing
 from tedmoe.parallel import comm
 from tedmoe.parallel.topology import Topology
 from tedmoe.planner.predict import Plan, step_comm
@@ -28,7 +29,8 @@ def check_predictions(world):
     for tp, ep, dtd, ckpt in CASES[world]:
         topo = Topology(world, tp=tp, ep=ep)
         cfg = model_config(dtd)
-        model = GPTMoE(cfg, topo, checkpointing=ckpt)
+        model = GPTMoE(cfg, topo)
+        apply_checkpointing(model, ckpt)
         model.init_weights(0)
         engine = Engine(model, topo, TrainConfig(checkpointing=ckpt))
         g = torch.Generator().manual_seed(topo.coord("dp"))

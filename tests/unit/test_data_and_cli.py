@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tedmoe.config import ModelConfig, MoEConfig
-from tedmoe.configfile import dump_run_config, from_dict, load_run_config, parse_override, to_dict
+from tedmoe.config import dump_run_config, from_dict, load_run_config, parse_override, to_dict
 from tedmoe.data.dataset import BatchSampler, TokenDataset, prepare
 from tedmoe.generate import generate
 from tedmoe.model.transformer import GPTMoE

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tedmoe.cli import main
-from tedmoe.configfile import load_run_config
+from tedmoe.config import load_run_config
 from tedmoe.runtime.trainer import data_dir, train
 
 

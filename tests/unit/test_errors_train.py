@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tedmoe.cli import main
-from tedmoe.configfile import load_run_config
+from tedmoe.config import load_run_config
 from tedmoe.runtime import rundir
 from tedmoe.runtime.trainer import train
 

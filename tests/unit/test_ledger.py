@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tedmoe.parallel import comm
-from tedmoe.parallel.comm import CommLedger, sent_bytes
+from tedmoe.parallel.ledger import CommLedger, sent_bytes
 from tedmoe.parallel.topology import Axis
 
 
@@ -51,7 +51,7 @@ FAKE_TP4 = Axis("tp", 4, 0, (0, 1, 2, 3), None)  # validation runs before any co
 @pytest.mark.parametrize("call", [
     lambda x: comm.reduce_scatter(x, FAKE_TP4, dim=1),
     lambda x: comm.reduce_scatter_along(x, FAKE_TP4, dim=1),
-    lambda x: comm.drop_to_slice(x, FAKE_TP4, dim=1),
+    lambda x: comm.split_along(x, FAKE_TP4, dim=1),
     lambda x: comm.local_slice(x, FAKE_TP4, dim=1),
 ])
 def test_split_dim_not_divisible_names_the_fix(call):
@@ -76,7 +76,7 @@ def test_size_one_axis_is_identity_and_silent():
     with comm.LEDGER.capture():
         for f in (comm.copy_to_region, comm.reduce_from_region):
             assert f(x, one) is x
-        for f in (comm.gather_along, comm.reduce_scatter_along, comm.drop_to_slice, comm.gather_slices):
+        for f in (comm.gather_along, comm.reduce_scatter_along, comm.split_along, comm.gather_split):
             assert f(x, one, 0) is x
         assert comm.all_to_all_autograd(x, one) is x
     assert comm.LEDGER.total().calls == 0

@@ -118,6 +118,7 @@ def test_checkpoint_recomputes_draw_the_same_numbers():
     no checkpointing (the recompute draws what the forward drew)."""
     from tedmoe.config import ModelConfig
     from tedmoe.model.transformer import GPTMoE
+    from tedmoe.parallel.activation_checkpoint import apply_checkpointing
 
     moe = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2, capacity_factor=0.5,
                     drop_policy="random", router_jitter=0.3, min_capacity=1)
@@ -126,8 +127,9 @@ def test_checkpoint_recomputes_draw_the_same_numbers():
     ids = torch.randint(0, 32, (3, 8), generator=torch.Generator().manual_seed(0))
     grads = {}
     for mode in ("none", "plain", "cac"):
-        model = GPTMoE(cfg, Topology.single(), checkpointing=mode)
+        model = GPTMoE(cfg, Topology.single())
         model.init_weights(0)
+        apply_checkpointing(model, mode)
         model.token_context.step, model.token_context.first_sequence = 5, 7
         model(ids, ids.roll(1, 1))[0].backward()
         grads[mode] = [p.grad.clone() for p in model.parameters()]

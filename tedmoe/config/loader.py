@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tedmoe.config import ModelConfig, RunConfig, preset
-from tedmoe.validation import coerce, field_hints
+from tedmoe.config.schema import ModelConfig, RunConfig, preset
+from tedmoe.config.validation import coerce, field_hints
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from tedmoe.validation import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, Seed, check_fields
+from tedmoe.config.validation import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, Seed, check_fields
 
 DropPolicy = Literal["position", "probs", "random"]
 Backend = Literal["gloo", "nccl", "mpi", "ucc", "xccl"]

@@ -1,0 +1,11 @@
+"""Configuration: typed dataclasses with a docstring per field (``schema``), their type and range
+checks read off the annotations (``validation``), and TOML / ``--set`` loading (``loader``)."""
+
+from tedmoe.config.loader import (apply_values, dump_run_config, from_dict, load_model_config, load_run_config,
+                                  parse_override, to_dict)
+from tedmoe.config.schema import (PRESETS, DataConfig, ModelConfig, MoEConfig, ParallelConfig, RunConfig, TrainConfig,
+                                  preset)
+
+__all__ = ["PRESETS", "DataConfig", "ModelConfig", "MoEConfig", "ParallelConfig", "RunConfig", "TrainConfig",
+           "apply_values", "dump_run_config", "from_dict", "load_model_config", "load_run_config", "parse_override",
+           "preset", "to_dict"]
