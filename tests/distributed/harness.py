@@ -99,3 +99,19 @@ class World:
         self.procs = []
         if hasattr(self, "_dir"):
             self._dir.cleanup()
+
+
+def assert_matches_reference(where: str, got: tuple, ref: tuple, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """A parallel run against the single-process one: ``(first-step loss, {name: full gradient},
+    [(loss, grad norm) per step])`` each, at fp32 tolerance; ``where`` names the layout."""
+    import pytest
+    import torch
+
+    loss, grads, curve = got
+    ref_loss, ref_grads, ref_curve = ref
+    assert loss == pytest.approx(ref_loss, rel=rtol), where
+    assert grads.keys() == ref_grads.keys(), where
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=rtol, atol=atol, msg=lambda m: f"{where} {name}: {m}")
+    torch.testing.assert_close(torch.tensor(curve), torch.tensor(ref_curve), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{where} (loss, grad norm) curve: {m}")

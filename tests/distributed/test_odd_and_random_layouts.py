@@ -15,8 +15,8 @@ from tedmoe.moe import noise
 from tedmoe.parallel import comm
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.engine import Engine
+from tests.distributed.harness import assert_matches_reference
 
-TOL = {"rtol": 1e-5, "atol": 1e-6}
 GLOBAL_SEQS, SEQ, MICRO_BATCHES, STEPS = 12, 16, 6, 5
 OPTIONS = {  # name -> MoE settings (all but the first draw random numbers)
     "position": {"top_k": 2, "capacity_factor": 0.75},
@@ -106,15 +106,8 @@ def references():
 def test_random_routing_matches_single_process(world6, references):
     results = world6.run(check_layouts)[0]
     assert len(results) == 12
-    for (sp, tp, ep, option), (loss, grads, curve) in results.items():
-        ref_loss, ref_grads, ref_curve = references[option]
-        where = f"{option} sp={sp} tp={tp} ep={ep} dp={6 // (sp * tp)}"
-        assert loss == pytest.approx(ref_loss, rel=1e-5), where
-        assert grads.keys() == ref_grads.keys()
-        for name, g in grads.items():
-            torch.testing.assert_close(g, ref_grads[name], **TOL, msg=lambda m: f"{where} {name}: {m}")
-        torch.testing.assert_close(torch.tensor(curve), torch.tensor(ref_curve), **TOL,
-                                   msg=lambda m: f"{where} (loss, grad norm) curve: {m}")
+    for (sp, tp, ep, option), result in results.items():
+        assert_matches_reference(f"{option} sp={sp} tp={tp} ep={ep} dp={6 // (sp * tp)}", result, references[option])
 
 
 def test_data_parallel_ranks_draw_different_noise(world6):
