@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: $(VENV)/.installed
-	$(VENV)/bin/tedmoe train
+	$(VENV)/bin/tedmoe train $(ARGS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/tedmoe demo
