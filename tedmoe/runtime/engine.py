@@ -14,7 +14,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Engine:
-    """Trains a model whose ``forward(ids, targets)`` returns ``(loss, parts)``.
+    """Trains a ``GPTMoE``-shaped model: ``forward(ids, targets)`` returns ``(loss, parts)``,
+    ``moe_stats()`` lists the last forward's MoE statistics, ``token_context`` says which tokens a
+    micro-batch holds (the routers key their random draws on it).
 
     ``train_step`` takes this rank's micro-batches (its DP shard of the global batch, split
     for accumulation, and with ``sp > 1`` its chunk of every sequence); the result equals one
@@ -61,9 +63,7 @@ class Engine:
         """Tell the model which tokens micro-batch ``index`` holds: its sequences' place in the
         step's global batch (this DP rank's consecutive share) and, with ``sp > 1``, its chunk's
         place in the sequence. The routers key their random draws on it."""
-        ctx = getattr(self.model, "token_context", None)
-        if ctx is None:
-            return
+        ctx = self.model.token_context
         sp, dp_rank = self.topology.axis("sp"), self.topology.coord("dp")
         local = sum(ids.shape[0] for ids, _ in micro_batches)
         ctx.step = self.optimizer.step_count
@@ -90,7 +90,7 @@ class Engine:
             (loss * self.optimizer.loss_scale).backward()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v.float()
-            stats = self.model.moe_stats() if hasattr(self.model, "moe_stats") else []
+            stats = self.model.moe_stats()
             if stats:
                 step_load = torch.stack([s.tokens_per_expert for s in stats])
                 step_drop = torch.stack([s.drop_fraction for s in stats])

@@ -1,4 +1,5 @@
-"""Engine and optimizer in one process: clipping + AdamW against torch, the tiled step, fp16, bf16."""
+"""The ZeRO-1 optimizer and the engine in one process: clipping + AdamW against torch, the tiled step,
+fp16, bf16, the lr schedule, bad train settings."""
 
 import copy
 
