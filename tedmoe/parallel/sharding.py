@@ -3,7 +3,8 @@
 Layers tag their parameters with ``mark``: the tensor dim split over ``tp`` and the one split
 over ``ep`` (``None`` = replicated on that axis). Everything model-agnostic that needs the
 layout (loading a single-process state dict, gathering it back, reducing gradients over
-``dp`` or ``edp``, counting each element once in the gradient norm) reads these tags.
+``dp`` or ``edp``, counting each element once in the gradient norm, the DTensor placements of
+checkpoints) reads these tags through the functions here: this module is their one owner.
 """
 
 from __future__ import annotations
@@ -29,6 +30,27 @@ def tp_dim(param: torch.Tensor) -> int | None:
 def is_expert(param: torch.Tensor) -> bool:
     """Expert parameters are split over ``ep`` and reduced over ``edp`` (not ``dp``)."""
     return getattr(param, "ep_dim", None) is not None
+
+
+def counted_once(param: torch.Tensor, tp_rank: int) -> bool:
+    """Whether this rank's copy counts in a sum over the whole model (e.g. the gradient norm): a
+    tp-sharded parameter always, one replicated over ``tp`` on tp rank 0 only."""
+    return tp_dim(param) is not None or tp_rank == 0
+
+
+def as_dtensor(local: torch.Tensor, param: torch.Tensor, topology: Topology):
+    """``local`` (this rank's shard of ``param``, or a tensor shaped like it) as a DTensor over the
+    parameter's mesh: experts over ``(edp, ep, tp)``, the rest over ``(dp, sp, tp)``, sharded where
+    the tags say and replicated elsewhere (what ``torch.distributed.checkpoint`` needs to reshard).
+    One process: ``local`` itself."""
+    if topology.world_size == 1:
+        return local
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    tp = Shard(tp_dim(param)) if tp_dim(param) is not None else Replicate()
+    if is_expert(param):
+        return DTensor.from_local(local, topology.expert_mesh, [Replicate(), Shard(param.ep_dim), tp], run_check=False)
+    return DTensor.from_local(local, topology.mesh, [Replicate(), Replicate(), tp], run_check=False)
 
 
 def shard_of(full: torch.Tensor, param: torch.Tensor, topology: Topology) -> torch.Tensor:

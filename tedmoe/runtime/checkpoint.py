@@ -20,13 +20,12 @@ import shutil
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tedmoe.fileio import sha256_file, write_atomic
 from tedmoe.runtime import faults
-from tedmoe.parallel.sharding import is_expert, tp_dim
+from tedmoe.parallel.sharding import as_dtensor
 from tedmoe.parallel.topology import Topology
 
 
@@ -47,29 +46,18 @@ def _barrier(topology: Topology) -> None:
         dist.barrier()
 
 
-def _wrap(local: torch.Tensor, param: torch.Tensor, topology: Topology):
-    if topology.world_size == 1:
-        return local
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    tp = Shard(tp_dim(param)) if tp_dim(param) is not None else Replicate()
-    if is_expert(param):
-        return DTensor.from_local(local, topology.expert_mesh, [Replicate(), Shard(param.ep_dim), tp], run_check=False)
-    return DTensor.from_local(local, topology.mesh, [Replicate(), Replicate(), tp], run_check=False)
-
-
 def _state(model, optimizer, topology: Topology) -> tuple[dict, list]:
     """The DCP state dict (views of the live parameters; fresh optimizer-state tensors)."""
     state, optim = {}, []
     names = {id(p): n for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
-        state[f"model/{name}"] = _wrap(p.data, p, topology)
+        state[f"model/{name}"] = as_dtensor(p.data, p, topology)
     for group in optimizer.groups:
         states = group.per_param_states()
         optim.append((group, states))
         for kind, tensors in states.items():
             for p, t in zip(group.params, tensors):
-                state[f"optim/{kind}/{names[id(p)]}"] = _wrap(t, p, topology)
+                state[f"optim/{kind}/{names[id(p)]}"] = as_dtensor(t, p, topology)
     return state, optim
 
 
@@ -172,7 +160,7 @@ def load_checkpoint(path: str | Path, model, optimizer, topology: Topology, mode
 def load_model_weights(path: str | Path, model, topology: Topology) -> dict:
     """Only the model weights of a checkpoint (for generation), in any layout."""
     meta = read_meta(path)
-    state = {f"model/{n}": _wrap(p.data, p, topology) for n, p in model.named_parameters()}
+    state = {f"model/{n}": as_dtensor(p.data, p, topology) for n, p in model.named_parameters()}
     try:
         with _quiet():
             dcp.load(state, checkpoint_id=meta["path"], no_dist=topology.world_size == 1)

@@ -29,7 +29,7 @@ from torch import nn
 
 from tedmoe.config import TrainConfig
 from tedmoe.parallel import comm
-from tedmoe.parallel.sharding import is_expert, tp_dim
+from tedmoe.parallel.sharding import counted_once, is_expert
 from tedmoe.parallel.topology import Axis, Topology
 
 NORM_CHUNK = 1 << 16
@@ -59,7 +59,7 @@ class FlatShard:
         self.exp_avg_sq = torch.zeros_like(self.master)
         # per-element flags of this shard: weight decay (matrices), and "counts in the norm"
         decay = self._flat([torch.full((p.numel(),), float(p.dim() >= 2), device=device) for p in params])
-        counted = self._flat([torch.full((p.numel(),), float(tp_dim(p) is not None or tp.rank == 0), device=device)
+        counted = self._flat([torch.full((p.numel(),), float(counted_once(p, tp.rank)), device=device)
                               for p in params])
         self.decay = decay[self.lo:self.lo + self.shard].bool()
         self.counted = counted[self.lo:self.lo + self.shard].bool()
