@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 from tedmoe.config import PRESETS
 from tedmoe.parallel import launch
@@ -15,9 +16,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a mistake is one ``tedmoe: error: ...`` line (exit 2), not usage + error."""
 
     def error(self, message: str):
-        if os.environ.get("RANK") in (None, "0"):
-            print(f"tedmoe: error: {self.prog.removeprefix('tedmoe').strip() + ': ' if self.prog != 'tedmoe' else ''}"
-                  f"{message} (see {self.prog} --help)", file=sys.stderr)
+        where = self.prog.removeprefix("tedmoe").strip()
+        _say(f"tedmoe: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)")
         raise SystemExit(2)
 
 
@@ -205,7 +205,13 @@ def _say(line: str, every_rank: bool = False) -> None:
     launch.record_error(line)
     if launch.relaunched():
         return
-    if every_rank or os.environ.get("RANK") in (None, "0"):
+    rank = os.environ.get("RANK")
+    if rank not in (None, "0") and not every_rank and launch.launched():
+        # under torchrun every rank meets the same mistake; let rank 0 say it (the agent stops the
+        # others when it exits), and speak only if rank 0 did not (a mistake of this rank alone)
+        time.sleep(5)
+        every_rank = True
+    if every_rank or rank in (None, "0"):
         print(line, file=sys.stderr, flush=True)
 
 

@@ -63,11 +63,10 @@ def relaunch(nproc: int, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | 
         run.run(args)
     except SignalException as err:  # Ctrl-C or SIGTERM: the ranks have said what they kept
         return 128 + int(err.sigval)
-    except ChildFailedError as err:  # the agent stopped every other rank; name the first to fail
-        first_rank, first = err.get_first_failure()
+    except ChildFailedError as err:  # the agent stopped every other rank; name the root cause
+        first_rank, first, reason = _root_cause(err.failures)
         if first.exitcode == 130:  # interrupted: the ranks stopped together and rank 0 said what they kept
             return 130
-        reason = _recorded_error(first.error_file)
         if reason:  # the rank left its own one-line reason
             print(reason if reason.startswith("tedmoe: ") else f"tedmoe: error: {reason}", file=sys.stderr)
             return first.exitcode if first.exitcode > 0 else 1
@@ -78,6 +77,27 @@ def relaunch(nproc: int, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | 
               + (f" (ranks {others} failed after it)" if others else ""), file=sys.stderr)
         return 1
     return 0
+
+
+_PEER_LOST = ("connection reset", "connection closed", "broken pipe", "connection refused")
+
+
+def _root_cause(failures: dict) -> tuple:
+    """``(rank, failure, recorded reason)`` of the failure that explains the others: a rank killed by
+    a signal the agent did not send (the others then lose their connection to it), else the first
+    rank that left a reason other than a lost peer, else the first to fail."""
+    import signal
+
+    ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    for rank, f in ordered:
+        if f.exitcode < 0 and -f.exitcode != signal.SIGTERM:
+            return rank, f, None
+    for rank, f in ordered:
+        reason = _recorded_error(f.error_file)
+        if reason and not any(p in reason.lower() for p in _PEER_LOST):
+            return rank, f, reason
+    rank, f = ordered[0]
+    return rank, f, _recorded_error(f.error_file)
 
 
 def _recorded_error(path: str | None) -> str | None:
