@@ -64,9 +64,15 @@ def relaunch(nproc: int, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | 
     except SignalException as err:  # Ctrl-C or SIGTERM: the ranks have said what they kept
         return 128 + int(err.sigval)
     except ChildFailedError as err:  # the agent stopped every other rank; name the root cause
-        first_rank, first, reason = _root_cause(err.failures)
+        first_rank, first = err.get_first_failure()
         if first.exitcode == 130:  # interrupted: the ranks stopped together and rank 0 said what they kept
             return 130
+        reason = _recorded_error(first.error_file)
+        if reason and any(p in reason.lower() for p in _PEER_LOST):  # it lost a peer: was one killed?
+            killed = [(r, f) for r, f in err.failures.items() if f.exitcode < 0 and f.timestamp <= first.timestamp + 1]
+            if killed:
+                first_rank, first = min(killed, key=lambda kv: (-kv[1].exitcode == signal.SIGTERM, kv[1].timestamp))
+                reason = None
         if reason:  # the rank left its own one-line reason
             print(reason if reason.startswith("tedmoe: ") else f"tedmoe: error: {reason}", file=sys.stderr)
             return first.exitcode if first.exitcode > 0 else 1
@@ -80,24 +86,6 @@ def relaunch(nproc: int, argv: list[str], nnodes: int = 1, rdzv_endpoint: str | 
 
 
 _PEER_LOST = ("connection reset", "connection closed", "broken pipe", "connection refused")
-
-
-def _root_cause(failures: dict) -> tuple:
-    """``(rank, failure, recorded reason)`` of the failure that explains the others: a rank killed by
-    a signal the agent did not send (the others then lose their connection to it), else the first
-    rank that left a reason other than a lost peer, else the first to fail."""
-    import signal
-
-    ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
-    for rank, f in ordered:
-        if f.exitcode < 0 and -f.exitcode != signal.SIGTERM:
-            return rank, f, None
-    for rank, f in ordered:
-        reason = _recorded_error(f.error_file)
-        if reason and not any(p in reason.lower() for p in _PEER_LOST):
-            return rank, f, reason
-    rank, f = ordered[0]
-    return rank, f, _recorded_error(f.error_file)
 
 
 def _recorded_error(path: str | None) -> str | None:
