@@ -48,7 +48,7 @@ def saved_bytes(model, fn) -> int:
 
 def measure(args, mode: str) -> dict:
     topo = Topology(dist.get_world_size(), tp=2, ep=2)
-    moe = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.hidden * 2, num_experts=8, top_k=2)
+    moe = MoEConfig(ffn_hidden_size=args.hidden * 2, num_experts=8, top_k=2)
     cfg = ModelConfig(vocab_size=256, hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
                       ffn_hidden_size=args.hidden * 4, max_seq_len=args.seq, moe=moe)
     model = GPTMoE(cfg, topo)

@@ -105,9 +105,9 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
+    cfg = MoEConfig(ffn_hidden_size=args.ffn, num_experts=args.experts,
                     top_k=args.top_k, capacity_factor=1.0, dtd=False)
-    layer = MoE(cfg, Topology.single())
+    layer = MoE(args.hidden, cfg, Topology.single())
     rows = []
     head = (f"{'S':>6} {'C':>5} {'ours ms':>9} {'einsum ms':>10} {'einsum/ours':>11} {'experts ms':>10} "
             f"{'outside experts':>15} {'prof: outside GEMMs':>19} {'outside MLP':>11}")

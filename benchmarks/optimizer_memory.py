@@ -38,7 +38,7 @@ def worker(args) -> dict:
     from tedmoe.runtime.engine import Engine
 
     torch.manual_seed(0)
-    moe = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.expert_ffn, num_experts=args.experts, top_k=2)
+    moe = MoEConfig(ffn_hidden_size=args.expert_ffn, num_experts=args.experts, top_k=2)
     cfg = ModelConfig(vocab_size=256, hidden_size=args.hidden, num_layers=2, num_heads=4,
                       ffn_hidden_size=4 * args.hidden, max_seq_len=64, moe=moe)
     topo = Topology.single()

@@ -13,7 +13,7 @@ import dataclasses
 from tedmoe.planner.hardware import PRESETS
 from tedmoe.parallel.topology import ParallelDims
 from tedmoe.planner.predict import Plan, eq5_lower_bound, memory, step_comm, step_time
-from tedmoe.planner.search import paper_model
+from tedmoe.planner.search import paper_model, paper_train
 
 import common
 
@@ -36,7 +36,7 @@ def fits(model, hw, gpus: int, tp: int) -> bool:
             model.validate(tp, ep)
         except ValueError:
             continue
-        plan = Plan(model, gpus, tp, ep, 1, 2048, 1, "fp16", "plain")
+        plan = Plan(model, gpus, tp, ep, 1, 2048, 1, paper_train("plain"))
         if memory(plan)["total"] <= hw.memory_bytes:
             return True
     return False
@@ -104,7 +104,7 @@ def part2() -> tuple[list[str], list[dict]]:
         res = {}
         for label, dtd, ckpt in (("base", False, "plain"), ("opt", True, "cac")):
             m = dataclasses.replace(model, moe=dataclasses.replace(model.moe, dtd=dtd))
-            plan = Plan(m, gpus, tp, ep, 1, 2048, 512 // (gpus // tp), "fp16", ckpt)
+            plan = Plan(m, gpus, tp, ep, 1, 2048, 512 // (gpus // tp), paper_train(ckpt))
             comm = step_comm(plan)
             by_kind = {}
             for entries in comm.values():

@@ -7,8 +7,10 @@ import math
 import os
 import sys
 import time
+import typing
 
-from tedmoe.config import PRESETS
+from tedmoe.config import PRESETS, TrainConfig
+from tedmoe.config.validation import field_hints
 from tedmoe.parallel import launch
 
 
@@ -93,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     pn.add_argument("--micro-batch", type=POSITIVE_INT, default=1)
     pn.add_argument("--seq-len", type=POSITIVE_INT, default=2048)
     pn.add_argument("--memory-gib", type=POSITIVE, help="memory cap per device (default: the hardware's)")
-    pn.add_argument("--checkpointing", choices=("none", "plain", "cac"), default="cac")
+    pn.add_argument("--checkpointing", choices=typing.get_args(field_hints(TrainConfig)["checkpointing"]), default="cac")
     pn.add_argument("--no-dtd", action="store_true", help="predict without duplicate token dropping")
     pn.add_argument("--tp", type=POSITIVE_INT, help="evaluate only this tensor-parallel degree")
     pn.add_argument("--ep", type=POSITIVE_INT, help="evaluate only this expert-parallel degree")
@@ -160,10 +162,10 @@ def _plan(args) -> int:
     import dataclasses
     import json
 
-    from tedmoe.config import load_model_config
+    from tedmoe.config import check_batch, load_model_config
     from tedmoe.parallel.topology import ParallelDims
     from tedmoe.planner.hardware import load_hardware
-    from tedmoe.planner.search import GiB, largest_layers, layouts, paper_model, smallest_cluster, table
+    from tedmoe.planner.search import GiB, largest_layers, layouts, paper_model, paper_train, smallest_cluster, table
 
     hw = load_hardware(args.hardware)
     model = load_model_config(args.model) if args.model.endswith(".toml") else paper_model(args.model, args.experts)
@@ -171,10 +173,8 @@ def _plan(args) -> int:
         tp, ep = args.tp or 1, args.ep or 1
         dims = ParallelDims(args.gpus, tp, ep)
         model.validate(tp, ep)
-        if args.global_batch % (args.micro_batch * dims.dp):
-            raise ValueError(f"global batch {args.global_batch} is not a multiple of micro-batch {args.micro_batch} "
-                             f"x dp {dims.dp}")
-    kw = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "checkpointing": args.checkpointing,
+        check_batch(args.global_batch, args.micro_batch, dims.dp, ("--global-batch", "--micro-batch"))
+    kw = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "train": paper_train(args.checkpointing),
           "memory_cap": args.memory_gib * GiB if args.memory_gib else None, "dtd": not args.no_dtd}
     cands = [c for c in layouts(model, args.gpus, hw, args.global_batch, **kw,
                                 max_tp=max(args.tp or 1, hw.gpus_per_node))

@@ -81,10 +81,10 @@ def check_moe(world_size: int, tp: int, ep: int, dtd: bool) -> tuple[float, str,
     """TED MoE layer vs one process on this rank's shard:
     (max relative error over all ranks, ledger table, all-to-all bytes sent by this rank)."""
     topo = Topology(world_size, tp=tp, ep=ep)
-    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F_DIM, num_experts=8, top_k=2, dtd=dtd)
+    cfg = MoEConfig(ffn_hidden_size=F_DIM, num_experts=8, top_k=2, dtd=dtd)
     torch.manual_seed(0)
-    ref = MoE(cfg, Topology.single())  # one process: its collectives are identities, nothing is recorded
-    layer = MoE(cfg, topo)
+    ref = MoE(H, cfg, Topology.single())  # one process: its collectives are identities, nothing is recorded
+    layer = MoE(H, cfg, topo)
     layer.load_full(ref.router.weight.detach(), ref.experts.full_tensors())
     x = torch.randn(topo.size("dp"), B * T, H)[topo.coord("dp")]
     outs = []

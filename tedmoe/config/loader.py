@@ -16,12 +16,35 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+# settings that no longer exist -> why, for a clear refusal of an old TOML file
+REMOVED = {"model.moe.hidden_size": "the experts' width is model.hidden_size; remove the key"}
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A config dict written by an older tedmoe (a checkpoint's meta, ``model_config.json``) in
+    today's form: ``model.moe.hidden_size`` equal to ``model.hidden_size`` is dropped."""
+    out = dict(values)
+    if isinstance(out.get("model"), dict):
+        out["model"] = _upgrade_model(out["model"])
+    return out
+
+
+def _upgrade_model(model: dict[str, Any]) -> dict[str, Any]:
+    model = dict(model)
+    moe = model.get("moe")
+    if isinstance(moe, dict) and "hidden_size" in moe and moe["hidden_size"] == model.get("hidden_size"):
+        model["moe"] = {k: v for k, v in moe.items() if k != "hidden_size"}
+    return model
+
+
 def apply_values(obj: Any, values: dict[str, Any], where: str = "") -> None:
     """Set a (nested) dataclass's fields from a dict, naming any unknown key and the valid ones;
     each value is checked against its field's annotation (type and range)."""
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = field_hints(type(obj))
     for key, value in values.items():
+        if f"{where}{key}" in REMOVED:
+            raise ValueError(f"'{where}{key}' is no longer a setting: {REMOVED[where + key]}")
         if key not in fields:
             table = f" in [{where.rstrip('.')}]" if where else ""
             raise ValueError(f"unknown config key '{where}{key}'; valid keys{table}: {', '.join(sorted(fields))}")
@@ -68,7 +91,13 @@ def load_model_config(path: str) -> ModelConfig:
     if not isinstance(values.get("model"), dict):
         raise ValueError(f"model file {path} has no [model] table")
     apply_values(model, values["model"], "model.")
-    model.moe.hidden_size = model.hidden_size
+    return model
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    """A ``ModelConfig`` from its dict form (``model_config.json``, a checkpoint's meta)."""
+    model = ModelConfig()
+    apply_values(model, _upgrade_model(values), "model.")
     return model
 
 
@@ -85,7 +114,6 @@ def load_run_config(path: str | None = None, preset_name: str = "default", overr
             raise ValueError(f"config file {path} is not valid TOML: {err}") from None
     for text in overrides:
         apply_values(cfg, parse_override(text), "")
-    cfg.model.moe.hidden_size = cfg.model.hidden_size  # the experts' width follows the model's
     return cfg
 
 
@@ -120,5 +148,5 @@ def to_dict(cfg: RunConfig) -> dict:
 
 def from_dict(values: dict) -> RunConfig:
     cfg = RunConfig()
-    apply_values(cfg, values, "")
+    apply_values(cfg, upgrade(values), "")
     return cfg

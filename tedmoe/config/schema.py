@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from tedmoe.config.validation import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, Seed, check_fields
@@ -15,10 +15,9 @@ Beta = Annotated[float, Range(ge=0, lt=1)]
 
 @dataclass
 class MoEConfig:
-    """One Mixture-of-Experts layer."""
+    """One Mixture-of-Experts layer (its width H is the model's ``hidden_size``, given to the
+    layer when it is built)."""
 
-    hidden_size: PosInt = 64
-    """Model width H (input and output of every expert)."""
     ffn_hidden_size: PosInt = 256
     """Hidden width F of each expert MLP; split over ``tp``."""
     num_experts: PosInt = 8
@@ -58,9 +57,9 @@ class MoEConfig:
         return max(self.min_capacity, math.ceil(self.top_k * cf * num_tokens / self.num_experts))
 
     def validate(self, tp: int = 1, ep: int = 1) -> None:
-        """Raise ``ValueError`` for a setting that cannot work with these degrees."""
-        if self.num_experts < 1 or self.top_k < 1:
-            raise ValueError(f"num_experts={self.num_experts} and top_k={self.top_k} must be at least 1")
+        """Raise ``ValueError`` for a setting that cannot work with these degrees (field types and
+        ranges are checked by their annotations, here too when the layer is built on its own)."""
+        check_fields(self)
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}; "
                              f"set top_k <= {self.num_experts} or add experts")
@@ -70,22 +69,8 @@ class MoEConfig:
         if self.ffn_hidden_size % tp:
             raise ValueError(f"ffn_hidden_size={self.ffn_hidden_size} is not divisible by tp={tp}; "
                              f"make it a multiple of {tp} (e.g. {math.ceil(self.ffn_hidden_size / tp) * tp})")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name}={value} must be > 0 (1.0 gives each expert its even share; "
-                                 "or set dropless=true for no capacity)")
-        if self.min_capacity < 0:
-            raise ValueError(f"min_capacity={self.min_capacity} must be >= 0")
-        if self.drop_policy not in ("position", "probs", "random"):
-            raise ValueError(f"drop_policy={self.drop_policy!r} is not one of 'position', 'probs', 'random'")
-        if self.activation not in ("gelu", "swiglu"):
-            raise ValueError(f"activation={self.activation!r} is not one of 'gelu', 'swiglu'")
-        if not 0 <= self.router_jitter < 1:
-            raise ValueError(f"router_jitter={self.router_jitter} must be in [0, 1)")
         if self.gumbel_noise and self.top_k != 1:
             raise ValueError("gumbel_noise applies to top-1 routing only; set top_k=1 or gumbel_noise=false")
-
 
 
 @dataclass
@@ -116,14 +101,8 @@ class ModelConfig:
     """Weight of the mean load-balancing loss in the training loss."""
     z_loss_coef: NonNegFloat = 0.001
     """Weight of the mean router z-loss in the training loss."""
-    moe: MoEConfig | None = None
-    """The MoE layers' settings; ``None`` takes defaults sized to ``hidden_size``."""
-
-    def __post_init__(self) -> None:
-        if self.moe is None:
-            self.moe = MoEConfig(hidden_size=self.hidden_size, ffn_hidden_size=self.ffn_hidden_size)
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig(**self.moe)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """The MoE layers' settings (their experts' ``ffn_hidden_size`` is their own)."""
 
     @property
     def kv_heads(self) -> int:
@@ -135,9 +114,6 @@ class ModelConfig:
     def validate(self, tp: int = 1, ep: int = 1, sp: int = 1) -> None:
         """Raise ``ValueError`` for a setting that cannot work with these degrees."""
         check_fields(self, "model.")
-        if self.moe.hidden_size != self.hidden_size:
-            raise ValueError(f"moe.hidden_size={self.moe.hidden_size} differs from hidden_size={self.hidden_size}; "
-                             "leave moe.hidden_size unset or make them equal")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
@@ -196,17 +172,8 @@ class TrainConfig:
     recompute) or communication-aware (collective outputs stashed and replayed)."""
 
     def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision={self.precision!r} is not one of 'fp32', 'bf16', 'fp16'")
-        if self.checkpointing not in ("none", "plain", "cac"):
-            raise ValueError(f"checkpointing={self.checkpointing!r} is not one of 'none', 'plain', 'cac'")
-        if self.tile_size is not None and self.tile_size < 1:
-            raise ValueError(f"tile_size={self.tile_size} must be >= 1, or None for an untiled step")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip={self.grad_clip} must be > 0, or None to disable clipping")
-        if self.max_bad_steps < 0:
-            raise ValueError(f"max_bad_steps={self.max_bad_steps} must be >= 0")
-        if not 0 <= self.warmup_steps <= self.max_steps:
+        check_fields(self, "train.")
+        if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}")
 
 
@@ -264,13 +231,13 @@ class DataConfig:
 class RunConfig:
     """Everything ``tedmoe train`` needs. Loadable from TOML; ``--set key=value`` overrides."""
 
-    model: ModelConfig = None  # type: ignore[assignment]
+    model: ModelConfig = field(default_factory=ModelConfig)
     """The network."""
-    train: TrainConfig = None  # type: ignore[assignment]
+    train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation and memory settings."""
-    parallel: ParallelConfig = None  # type: ignore[assignment]
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Degrees and launch."""
-    data: DataConfig = None  # type: ignore[assignment]
+    data: DataConfig = field(default_factory=DataConfig)
     """Tokens."""
     out_dir: str = "runs/default"
     """Run directory: metrics, checkpoints, plots, exports."""
@@ -301,15 +268,6 @@ class RunConfig:
     """End this invocation after this step, with a checkpoint (for time-limited jobs: a later
     ``--resume`` continues; the schedule still follows ``train.max_steps``)."""
 
-    def __post_init__(self) -> None:
-        for name, cls in (("model", ModelConfig), ("train", TrainConfig), ("parallel", ParallelConfig),
-                          ("data", DataConfig)):
-            value = getattr(self, name)
-            if value is None:
-                setattr(self, name, cls())
-            elif isinstance(value, dict):
-                setattr(self, name, cls(**value))
-
     def validate(self, world_size: int) -> None:
         """Every check that needs no process group; raises ``ValueError`` naming the fix."""
         from tedmoe.parallel.topology import ParallelDims
@@ -325,28 +283,32 @@ class RunConfig:
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                              f"raise model.max_seq_len or shorten seq_len")
-        per_step = self.micro_batch_size * dims.dp
-        if self.micro_batch_size < 1 or self.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size="
-                             f"{self.micro_batch_size} x dp={dims.dp} = {per_step}; make it a multiple of {per_step}")
-        if self.data.tokenizer not in ("byte", "bpe"):
-            raise ValueError(f"data.tokenizer={self.data.tokenizer!r} is not one of 'byte', 'bpe'")
-        if not 0 < self.data.val_fraction < 1:
-            raise ValueError(f"data.val_fraction={self.data.val_fraction} must be between 0 and 1")
+        check_batch(self.global_batch_size, self.micro_batch_size, dims.dp)
+
+
+def check_batch(global_batch_size: int, micro_batch_size: int, dp: int,
+                names: tuple[str, str] = ("global_batch_size", "micro_batch_size")) -> int:
+    """Micro-batches per step on each rank; ``ValueError`` unless the global batch splits evenly
+    into micro-batches over the ``dp`` data-parallel ranks (``names``: what the user calls the two)."""
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        raise ValueError(f"{names[0]}={global_batch_size} is not a multiple of {names[1]}="
+                         f"{micro_batch_size} x dp={dp} = {per_step}; make it a multiple of {per_step}")
+    return global_batch_size // per_step
 
 
 def preset(name: str) -> RunConfig:
     """Named starting points: ``default`` (what ``tedmoe train`` runs: 4 CPU ranks, a few
     minutes), ``tiny`` (seconds; tests) and ``small`` (a longer CPU run)."""
     if name == "default":
-        moe = MoEConfig(hidden_size=128, ffn_hidden_size=256, num_experts=4, top_k=2, capacity_factor=1.25)
+        moe = MoEConfig(ffn_hidden_size=256, num_experts=4, top_k=2, capacity_factor=1.25)
         return RunConfig(model=ModelConfig(vocab_size=256, hidden_size=128, num_layers=4, num_heads=4,
                                            ffn_hidden_size=512, max_seq_len=128, moe=moe),
                          train=TrainConfig(lr=3e-3, warmup_steps=20, max_steps=300, tile_size=1 << 16),
                          parallel=ParallelConfig(tp=2, ep=2, nproc=4), seq_len=128, global_batch_size=16,
                          micro_batch_size=4, eval_every=100, checkpoint_every=150)
     if name == "tiny":
-        moe = MoEConfig(hidden_size=32, ffn_hidden_size=64, num_experts=4, top_k=2, capacity_factor=1.25)
+        moe = MoEConfig(ffn_hidden_size=64, num_experts=4, top_k=2, capacity_factor=1.25)
         return RunConfig(model=ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4,
                                            ffn_hidden_size=64, max_seq_len=32, moe=moe),
                          train=TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, tile_size=1 << 12),

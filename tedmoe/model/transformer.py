@@ -59,7 +59,7 @@ class Block(nn.Module):
         self.attn = Attention(config, topology, **kw)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.is_moe = config.is_moe_layer(index)
-        self.mlp = MoE(config.moe, topology, layer=index, context=context, **kw) if self.is_moe \
+        self.mlp = MoE(config.hidden_size, config.moe, topology, layer=index, context=context, **kw) if self.is_moe \
             else MLP(config, topology, **kw)
         self.stats = None
 

@@ -26,12 +26,11 @@ TP_DIMS = {"w1": 2, "w3": 2, "w2": 1}
 class GroupedExperts(nn.Module):
     """``L`` bias-free two-layer MLPs applied with batched matmuls (no loop over experts)."""
 
-    def __init__(self, config: MoEConfig, topology: Topology, device=None, dtype=None):
+    def __init__(self, hidden_size: int, config: MoEConfig, topology: Topology, device=None, dtype=None):
         super().__init__()
-        config.validate(topology.size("tp"), topology.size("ep"))
         self.config, self.topology = config, topology
         self.tp, self.ep = topology.axis("tp"), topology.axis("ep")
-        L, H = config.num_experts // self.ep.size, config.hidden_size
+        L, H = config.num_experts // self.ep.size, hidden_size
         Fn = config.ffn_hidden_size // self.tp.size
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(L, H, Fn, **kw))

@@ -26,18 +26,18 @@ class MoEStats:
 
 
 class MoE(nn.Module):
-    """A Mixture-of-Experts MLP. ``forward(x [..., H])`` returns ``(y [..., H], MoEStats)``;
+    """A Mixture-of-Experts MLP of width ``hidden_size`` (H). ``forward(x [..., H])`` returns ``(y [..., H], MoEStats)``;
     dropped tokens give zero (the caller adds the residual)."""
 
-    def __init__(self, config: MoEConfig, topology: Topology, device=None, dtype=None, layer: int = 0,
-                 context: TokenContext | None = None):
+    def __init__(self, hidden_size: int, config: MoEConfig, topology: Topology, device=None, dtype=None,
+                 layer: int = 0, context: TokenContext | None = None):
         super().__init__()
         config.validate(topology.size("tp"), topology.size("ep"))
         self.config = config
         # which tokens a forward sees (keys the router's draws); a layer on its own counts steps
         self.context, self._own_context = context or TokenContext(), context is None
-        self.router = Router(config, device=device, dtype=dtype, sp=topology.axis("sp"), layer=layer)
-        self.experts = GroupedExperts(config, topology, device=device, dtype=dtype)
+        self.router = Router(hidden_size, config, device=device, dtype=dtype, sp=topology.axis("sp"), layer=layer)
+        self.experts = GroupedExperts(hidden_size, config, topology, device=device, dtype=dtype)
         self.dispatcher = TEDDispatcher(config.num_experts, config.top_k, topology, config.dtd)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:

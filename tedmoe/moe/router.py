@@ -74,11 +74,12 @@ def assign_slots(expert_P: torch.Tensor, priority_P: torch.Tensor, num_experts: 
 class Router(nn.Module):
     """Bias-free linear gate computed in fp32, then top-k and capacity."""
 
-    def __init__(self, config: MoEConfig, device=None, dtype=None, sp: Axis | None = None, layer: int = 0):
+    def __init__(self, hidden_size: int, config: MoEConfig, device=None, dtype=None, sp: Axis | None = None,
+                 layer: int = 0):
         super().__init__()
         self.config, self.sp, self.layer = config, sp, layer
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, device=device, dtype=dtype))
-        nn.init.normal_(self.weight, std=config.hidden_size ** -0.5)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, hidden_size, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=hidden_size ** -0.5)
         mark(self.weight)  # replicated on every rank of a TP group
 
     def draws(self, stream: int, step: int, token_S: torch.Tensor, width: int) -> torch.Tensor:

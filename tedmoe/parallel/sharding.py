@@ -32,6 +32,12 @@ def is_expert(param: torch.Tensor) -> bool:
     return getattr(param, "ep_dim", None) is not None
 
 
+def replica_axis(param: torch.Tensor) -> str:
+    """The mesh axis over which ``param`` is replicated: its gradient is averaged over it and its
+    optimizer states are sharded over it (ZeRO). ``edp`` for experts, ``dsp`` for the rest."""
+    return "edp" if is_expert(param) else "dsp"
+
+
 def counted_once(param: torch.Tensor, tp_rank: int) -> bool:
     """Whether this rank's copy counts in a sum over the whole model (e.g. the gradient norm): a
     tp-sharded parameter always, one replicated over ``tp`` on tp rank 0 only."""

@@ -8,9 +8,9 @@ small scale it equals the ``CommLedger`` measurement exactly (tests/distributed/
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tedmoe.config import ModelConfig
+from tedmoe.config import ModelConfig, TrainConfig
 from tedmoe.moe.dispatch_comm import capacity_comm
 from tedmoe.parallel.ledger import add as _add
 from tedmoe.parallel.ledger import merge as _merge
@@ -33,9 +33,8 @@ class Plan:
     seq_len: int = 2048
     micro_batches: int = 1
     """Micro-batches per step per rank (gradient accumulation)."""
-    precision: str = "fp16"
-    checkpointing: str = "none"
-    tile_size: int | None = 1 << 24
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Precision, activation checkpointing and the optimizer's tile size, as training sets them."""
 
     @property
     def dims(self) -> ParallelDims:
@@ -43,6 +42,7 @@ class Plan:
 
     def validate(self) -> None:
         self.model.validate(self.dims.tp, self.dims.ep)
+        self.train.validate()
 
 
 def param_counts(model: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, int]:
@@ -69,7 +69,7 @@ def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
         raise ValueError("the planner predicts capacity-mode MoE layers only (a dropless layer's all-to-all sizes "
                          "depend on the routing); plan with model.moe.dropless=false and capacity_factor set to the "
                          "load you expect (1.0 for balanced routing)")
-    item = DTYPE_BYTES[plan.precision]
+    item = DTYPE_BYTES[plan.train.precision]
     N, H, t = plan.micro_batch * plan.seq_len, m.hidden_size, d.tp
     dtd = m.moe.dtd if dtd is None else dtd
     n_moe = sum(m.is_moe_layer(i) for i in range(m.num_layers))
@@ -83,7 +83,7 @@ def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
         c = m.moe
         layer = capacity_comm(N, H, c.num_experts, c.top_k, c.capacity(N), t, d.ep, dtd, item)
         _merge(micro, layer, n_moe)
-    if plan.checkpointing == "plain":
+    if plan.train.checkpointing == "plain":
         recompute: dict = {}
         _add(recompute, "recompute", "all_reduce", "tp", t, N * H, item, calls=m.num_layers + n_dense)
         if n_moe:
@@ -108,11 +108,11 @@ def memory(plan: Plan) -> dict[str, float]:
     stash, and the optimizer-step spike (``tile_size`` elements at about 12 bytes each, the
     constant ``benchmarks/optimizer_memory.py`` measures)."""
     m, d = plan.model, plan.dims
-    item = DTYPE_BYTES[plan.precision]
+    item = DTYPE_BYTES[plan.train.precision]
     counts = param_counts(m, d.tp, d.ep)
     ne = math.ceil(counts["non_expert"] / d.dp) * d.dp
     ex = math.ceil(counts["expert"] / d.edp) * d.edp if counts["expert"] else 0
-    state_bytes = 8 if plan.precision == "fp32" else 12  # fp32: the parameters are the master weights
+    state_bytes = 8 if plan.train.precision == "fp32" else 12  # fp32: the parameters are the master weights
     optimizer = state_bytes * (ne / d.dp + (ex / d.edp if ex else 0))
     sbh = plan.micro_batch * plan.seq_len * m.hidden_size
     k_cf = m.moe.top_k * m.moe.capacity_factor
@@ -123,15 +123,15 @@ def memory(plan: Plan) -> dict[str, float]:
     moe_layer = dense_layer + sbh * 16 * (k_cf - 1) / d.tp * item / 2
     full = (m.num_layers - n_moe) * dense_layer + n_moe * moe_layer
     stash = 0.0
-    if plan.checkpointing == "none":
+    if plan.train.checkpointing == "none":
         activations = full
     else:
         activations = m.num_layers * sbh * item + max(dense_layer, moe_layer if n_moe else 0)
-        if plan.checkpointing == "cac":  # outputs of each block's collectives
+        if plan.train.checkpointing == "cac":  # outputs of each block's collectives
             comm_out = sbh * item * (2 + (m.num_layers - n_moe > 0))
             stash = m.num_layers * comm_out + n_moe * 4 * sbh * k_cf * item
     shard = max(ne / d.dp, ex / d.edp if ex else 0)
-    spike = 12 * min(plan.tile_size or shard, shard)
+    spike = 12 * min(plan.train.tile_size or shard, shard)
     out = {"parameters": (ne + ex) * item, "gradients": (ne + ex) * item, "optimizer": optimizer,
            "activations": activations, "cac_stash": stash, "optimizer_spike": spike}
     out["total"] = sum(out.values())
@@ -165,7 +165,7 @@ def flops(plan: Plan) -> float:
     tokens = plan.micro_batch * plan.seq_len * plan.micro_batches * plan.dims.dp
     attention = 3 * 4 * plan.seq_len * m.hidden_size * m.num_layers * tokens
     total = 6 * active * tokens + attention
-    if plan.checkpointing != "none":
+    if plan.train.checkpointing != "none":
         total *= 4 / 3  # the forward runs twice
     return total / plan.world_size
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tedmoe.config import ModelConfig, MoEConfig
+from tedmoe.config import ModelConfig, MoEConfig, TrainConfig, check_batch
 from tedmoe.parallel.topology import ParallelDims
 from tedmoe.planner.hardware import Hardware
 from tedmoe.planner.predict import Plan, memory, step_time
@@ -20,7 +20,7 @@ def paper_model(name: str, num_experts: int = 16, top_k: int = 1) -> ModelConfig
     if name not in shapes:
         raise ValueError(f"unknown model {name!r}; use one of {', '.join(shapes)} or a TOML file")
     layers, hidden, heads = shapes[name]
-    moe = MoEConfig(hidden_size=hidden, ffn_hidden_size=4 * hidden, num_experts=num_experts, top_k=top_k,
+    moe = MoEConfig(ffn_hidden_size=4 * hidden, num_experts=num_experts, top_k=top_k,
                     capacity_factor=1.0)
     return ModelConfig(vocab_size=51200, hidden_size=hidden, num_layers=layers, num_heads=heads,
                        ffn_hidden_size=4 * hidden, max_seq_len=2048, moe=moe)
@@ -42,11 +42,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def paper_train(checkpointing: str = "cac") -> TrainConfig:
+    """The paper's training settings: fp16 with ZeRO-1, a 16M-element optimizer tile."""
+    return TrainConfig(precision="fp16", checkpointing=checkpointing, tile_size=1 << 24)
+
+
 def layouts(model: ModelConfig, gpus: int, hw: Hardware, global_batch: int, micro_batch: int = 1, seq_len: int = 2048,
-            precision: str = "fp16", checkpointing: str = "cac", tile_size: int | None = 1 << 24,
-            memory_cap: float | None = None, dtd: bool = True, max_tp: int | None = None) -> list[Candidate]:
+            train: TrainConfig | None = None, memory_cap: float | None = None, dtd: bool = True,
+            max_tp: int | None = None) -> list[Candidate]:
     """Every valid (tp, ep) for ``gpus`` devices (tp up to ``max_tp``, default one node), predicted;
-    fitting layouts first, fastest first."""
+    fitting layouts first, fastest first. ``train`` defaults to ``paper_train()``."""
+    train = train or paper_train()
     cap = hw.memory_bytes if memory_cap is None else memory_cap
     out = []
     for tp in _divisors(gpus):
@@ -56,13 +62,11 @@ def layouts(model: ModelConfig, gpus: int, hw: Hardware, global_batch: int, micr
             try:
                 dims = ParallelDims(gpus, tp, ep)
                 model.validate(tp, ep)
+                micro_batches = check_batch(global_batch, micro_batch, dims.dp)
             except ValueError:
                 continue
-            if global_batch % (micro_batch * dims.dp):
-                continue
             plan = Plan(dataclasses.replace(model, moe=dataclasses.replace(model.moe, dtd=dtd)), gpus, tp, ep,
-                        micro_batch, seq_len, global_batch // (micro_batch * dims.dp), precision, checkpointing,
-                        tile_size)
+                        micro_batch, seq_len, micro_batches, train)
             mem = memory(plan)
             out.append(Candidate(tp, ep, dims.dp, dims.edp, plan.micro_batches, mem, step_time(plan, hw),
                                  mem["total"] <= cap))

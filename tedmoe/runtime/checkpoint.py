@@ -23,6 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from tedmoe.config import upgrade
 from tedmoe.fileio import sha256_file, write_atomic
 from tedmoe.runtime import faults
 from tedmoe.parallel.sharding import as_dtensor
@@ -133,6 +134,8 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{meta_path} is corrupted (not JSON)") from None
+    if isinstance(meta.get("config"), dict):
+        meta["config"] = upgrade(meta["config"])  # written by an older tedmoe: today's form
     meta["path"] = str(path)
     return meta
 

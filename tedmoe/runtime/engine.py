@@ -49,13 +49,13 @@ class Engine:
     def full_gradients(self, num_micro_batches: int) -> dict[str, torch.Tensor]:
         """The synchronised gradient of the global-batch mean loss, gathered to full shape, from
         the accumulated ``p.grad`` (left untouched). For tests and debugging: it communicates."""
-        from tedmoe.parallel.sharding import full_of, is_expert
+        from tedmoe.parallel.sharding import full_of, replica_axis
 
         scale = 1.0 / (self.topology.size("dp") * num_micro_batches * self.optimizer.loss_scale)
         out = {}
         for name, p in self.model.named_parameters():
             g = p.grad if p.grad is not None else torch.zeros_like(p)
-            g = comm.all_reduce(g.float(), self.topology.axis("edp" if is_expert(p) else "dsp")) * scale
+            g = comm.all_reduce(g.float(), self.topology.axis(replica_axis(p))) * scale
             out[name] = full_of(g, p, self.topology)
         return out
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from tedmoe.config import TrainConfig
 from tedmoe.parallel import comm
-from tedmoe.parallel.sharding import counted_once, is_expert
+from tedmoe.parallel.sharding import counted_once, replica_axis
 from tedmoe.parallel.topology import Axis, Topology
 
 NORM_CHUNK = 1 << 16
@@ -153,8 +153,9 @@ class ZeroAdamW:
         self.config, self.topology = config, topology
         params = [p for p in model.parameters() if p.requires_grad]
         tp = topology.axis("tp")
-        self.groups = [FlatShard([p for p in params if not is_expert(p)], topology.axis("dsp"), tp),
-                       FlatShard([p for p in params if is_expert(p)], topology.axis("edp"), tp)]
+        # one group per replica axis: non-expert parameters over dsp, then experts over edp
+        self.groups = [FlatShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp)
+                       for axis in ("dsp", "edp")]
         self.loss_scale = config.initial_loss_scale if config.precision == "fp16" else 1.0
         self.good_steps = 0
         self.step_count = 0

@@ -63,8 +63,7 @@ def check_memory(cfg: RunConfig, world: int) -> None:
     from tedmoe.planner.predict import Plan, memory
 
     dims = ParallelDims(world, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sp)
-    plan = Plan(cfg.model, world, dims.tp, dims.ep, cfg.micro_batch_size, cfg.seq_len // dims.sp,
-                precision=cfg.train.precision, checkpointing=cfg.train.checkpointing, tile_size=cfg.train.tile_size)
+    plan = Plan(cfg.model, world, dims.tp, dims.ep, cfg.micro_batch_size, cfg.seq_len // dims.sp, train=cfg.train)
     model_bytes = memory(plan)["total"]
     batch_bytes = 3 * 8 * cfg.global_batch_size * (cfg.seq_len + 1)  # every rank draws the global batch (int64)
     logits = 3 * 4 * cfg.micro_batch_size * cfg.seq_len * cfg.model.vocab_size / dims.tp / dims.sp

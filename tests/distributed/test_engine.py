@@ -22,7 +22,7 @@ GLOBAL_SEQS, SEQ, MICRO_BATCHES, STEPS = 16, 16, 8, 10  # 8 micro-batches of 2 s
 
 
 def model_config():
-    moe = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
+    moe = MoEConfig(ffn_hidden_size=32, num_experts=4, top_k=2, capacity_factor=1.0, min_capacity=1)
     return ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64,
                        max_seq_len=SEQ, moe=moe)
 

@@ -59,15 +59,15 @@ def check_layouts(world):
         group_shards = [dp_rank - topo.coord("ep") + j for j in range(ep)]
         xs, rs = _batch(dp)
         for k, dropless, dtd in itertools.product((1, 2), (False, True), (True, False)):
-            cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=k, capacity_factor=0.75,
+            cfg = MoEConfig(ffn_hidden_size=F, num_experts=E, top_k=k, capacity_factor=0.75,
                             min_capacity=1, dropless=dropless, dtd=dtd, activation="swiglu" if k == 2 else "gelu")
             router_w, experts_w = _full_weights(cfg)
             refs = {}
             for d in group_shards:
-                ref = MoE(cfg, Topology.single())
+                ref = MoE(H, cfg, Topology.single())
                 ref.load_full(router_w, experts_w)
                 refs[d] = (ref, *_step(ref, xs[d], rs[d]))
-            layer = MoE(cfg, topo)
+            layer = MoE(H, cfg, topo)
             layer.load_full(router_w, experts_w)
             y, x_grad, stats = _step(layer, xs[dp_rank], rs[dp_rank])
             ref, y_ref, x_grad_ref, stats_ref = refs[dp_rank]
@@ -104,8 +104,8 @@ def check_ledger(world):
         r = torch.cat([r, r], 1)[topo.coord("dp")]
         a2a = {}
         for dtd in (True, False):
-            cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, capacity_factor=1.0, dtd=dtd)
-            layer = MoE(cfg, topo)
+            cfg = MoEConfig(ffn_hidden_size=F, num_experts=E, top_k=2, capacity_factor=1.0, dtd=dtd)
+            layer = MoE(H, cfg, topo)
             layer.load_full(*_full_weights(cfg))
             with comm.LEDGER.capture():
                 _step(layer, x, r)
@@ -116,8 +116,8 @@ def check_ledger(world):
             assert a2a[True] * C == a2a[False] * -(-C // tp), (tp, ep, C, a2a)
         out[(tp, ep)] = (C, a2a)
         # dropless: the same collectives, plus one all-to-all of the int64 [ep, E / ep] segment lengths
-        cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, dropless=True)
-        layer = MoE(cfg, topo)
+        cfg = MoEConfig(ffn_hidden_size=F, num_experts=E, top_k=2, dropless=True)
+        layer = MoE(H, cfg, topo)
         layer.load_full(*_full_weights(cfg))
         with comm.LEDGER.capture():
             _step(layer, x, r)
@@ -134,12 +134,12 @@ def check_rts_layouts(world):
     tp, ep = LAYOUTS[world][-1]
     F, E = sizes(world)
     topo = Topology(world, tp=tp, ep=ep)
-    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F, num_experts=E, top_k=2, capacity_factor=0.5,
+    cfg = MoEConfig(ffn_hidden_size=F, num_experts=E, top_k=2, capacity_factor=0.5,
                     min_capacity=1, drop_policy="random")
     xs, rs = _batch(topo.size("dp"))
-    ref = MoE(cfg, Topology.single())
+    ref = MoE(H, cfg, Topology.single())
     ref.load_full(*_full_weights(cfg))
-    layer = MoE(cfg, topo)
+    layer = MoE(H, cfg, topo)
     layer.load_full(*_full_weights(cfg))
     d = topo.coord("dp")
     ref.context.first_sequence = layer.context.first_sequence = d  # shard d holds the batch's sequence d

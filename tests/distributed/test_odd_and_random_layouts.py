@@ -35,7 +35,7 @@ LAYOUTS = [  # (sp, tp, ep) on 6 ranks, with the options each runs (capacity is 
 
 
 def model_config(option):
-    moe = MoEConfig(hidden_size=48, ffn_hidden_size=48, num_experts=6, min_capacity=1, **OPTIONS[option])
+    moe = MoEConfig(ffn_hidden_size=48, num_experts=6, min_capacity=1, **OPTIONS[option])
     return ModelConfig(vocab_size=72, hidden_size=48, num_layers=2, num_heads=6, ffn_hidden_size=96,
                        max_seq_len=SEQ, moe_every=1, moe=moe)
 

@@ -19,7 +19,7 @@ MICRO, SEQ, ACCUM = 2, 16, 2
 
 
 def model_config(dtd):
-    moe = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2, capacity_factor=1.0, dtd=dtd)
+    moe = MoEConfig(ffn_hidden_size=32, num_experts=4, top_k=2, capacity_factor=1.0, dtd=dtd)
     return ModelConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=8, num_kv_heads=8, ffn_hidden_size=64,
                        max_seq_len=SEQ, moe=moe)
 
@@ -37,8 +37,8 @@ def check_predictions(world):
         data = torch.randint(0, 64, (ACCUM, MICRO, SEQ + 1), generator=g)
         with comm.LEDGER.capture():
             engine.train_step([(d[:, :-1], d[:, 1:]) for d in data])
-        plan = Plan(cfg, world, tp, ep, micro_batch=MICRO, seq_len=SEQ, micro_batches=ACCUM, precision="fp32",
-                    checkpointing=ckpt)
+        plan = Plan(cfg, world, tp, ep, micro_batch=MICRO, seq_len=SEQ, micro_batches=ACCUM,
+                    train=TrainConfig(checkpointing=ckpt))
         measured = comm.LEDGER.as_dict()
         # the first step also checks once that every rank's micro-batches agree (not a per-step cost)
         assert measured.pop("checks") == {"all_gather/world": {"calls": 1, "bytes": (world - 1) * 32, "payload": 32}}

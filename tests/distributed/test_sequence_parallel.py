@@ -97,7 +97,7 @@ def test_bad_sequence_parallel_settings():
     with pytest.raises(ValueError, match="num_heads / tp = 4 heads per TP rank is not divisible by sp=8"):
         attn_config(8).__class__(num_heads=8, hidden_size=64).validate(tp=2, sp=8)
     with pytest.raises(ValueError, match="kv heads per TP rank and sp=4: one must divide the other"):
-        ModelConfig(num_heads=12, num_kv_heads=6, hidden_size=96, moe=MoEConfig(hidden_size=96)).validate(sp=4)
+        ModelConfig(num_heads=12, num_kv_heads=6, hidden_size=96, moe=MoEConfig()).validate(sp=4)
     from tedmoe.config import preset
 
     cfg = preset("tiny")

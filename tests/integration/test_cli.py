@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tedmoe.config import ModelConfig
+from tedmoe.config import model_config_from_dict
 from tedmoe.generate import load_model
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology
@@ -69,7 +69,7 @@ def test_train_writes_metrics_checkpoints_and_export(run_a):
 
 
 def test_export_loads_into_one_process_with_equal_logits(run_a):
-    cfg = ModelConfig(**json.loads((run_a / "model_config.json").read_text()))
+    cfg = model_config_from_dict(json.loads((run_a / "model_config.json").read_text()))
     exported = GPTMoE(cfg, Topology.single())
     exported.load_state_dict(load_file(str(run_a / "model.safetensors")))
     from_ckpt, _ = load_model(run_a)  # the step-6 DCP checkpoint, resharded to one process

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tedmoe.config import dump_run_config, from_dict, load_run_config, parse_override, to_dict
+from tedmoe.config import (ModelConfig, MoEConfig, RunConfig, dump_run_config, from_dict, load_run_config,
+                           model_config_from_dict, parse_override, preset, to_dict)
 
 
 TOML = """
@@ -19,11 +20,32 @@ def test_config_overrides_and_round_trip(tmp_path):
     assert parse_override("train.precision=bf16") == {"train": {"precision": "bf16"}}
     (tmp_path / "c.toml").write_text(TOML)
     cfg = load_run_config(str(tmp_path / "c.toml"), "tiny", ["train.max_steps=9"])
-    assert (cfg.seed, cfg.model.hidden_size, cfg.model.moe.hidden_size, cfg.model.moe.num_experts,
-            cfg.train.max_steps) == (7, 64, 64, 8, 9)
+    assert (cfg.seed, cfg.model.hidden_size, cfg.model.moe.num_experts, cfg.train.max_steps) == (7, 64, 8, 9)
     assert from_dict(to_dict(cfg)) == cfg
     assert "[model.moe]" in dump_run_config(cfg)
     with pytest.raises(ValueError, match="is not key=value"):
         parse_override("seed")
     with pytest.raises(ValueError, match="model is a table"):
         load_run_config(None, "tiny", ["model=3"])
+
+
+def test_nested_defaults_are_fresh_objects():
+    a, b = RunConfig(), RunConfig()
+    a.model.moe.top_k = 1
+    assert b.model.moe.top_k == 2 and ModelConfig().moe == MoEConfig()
+
+
+def test_the_removed_moe_width_key(tmp_path):
+    """The experts take ``model.hidden_size``: a TOML that still sets ``model.moe.hidden_size`` is
+    refused naming why; a config written by an older tedmoe (checkpoint meta, model_config.json)
+    loads when the two widths agree."""
+    (tmp_path / "old.toml").write_text("[model.moe]\nhidden_size = 64\n")
+    with pytest.raises(ValueError, match=r"'model.moe.hidden_size' is no longer a setting: the experts' width"):
+        load_run_config(str(tmp_path / "old.toml"), "tiny")
+    old = to_dict(preset("tiny"))
+    old["model"]["moe"]["hidden_size"] = old["model"]["hidden_size"]
+    assert from_dict(old) == preset("tiny")
+    assert model_config_from_dict(old["model"]) == preset("tiny").model
+    old["model"]["moe"]["hidden_size"] = 7
+    with pytest.raises(ValueError, match="no longer a setting"):
+        from_dict(old)

@@ -38,7 +38,7 @@ BAD = [  # (args with {d} for the files' directory, message)
     ("--tp 3", "tp=3 does not divide world_size=128"),
     ("--ep 5", "ep=5 does not divide the data-parallel size dp=128"),
     ("--experts 15 --ep 2 --tp 1", "num_experts=15 is not divisible by ep=2"),
-    ("--global-batch 100 --tp 1 --ep 1", "global batch 100 is not a multiple of micro-batch 1 x dp 128"),
+    ("--global-batch 100 --tp 1 --ep 1", "--global-batch=100 is not a multiple of --micro-batch=1 x dp=128 = 128; make it a multiple of 128"),
     ("--global-batch 512 --micro-batch 3", "no layout of 128 GPUs suits this model and batch"),
     ("--model 99b", "unknown model '99b'; use one of 1.3b, 2.7b, 6.7b, 13b or a TOML file"),
     ("--model missing.toml", "model file missing.toml does not exist"),

@@ -8,7 +8,7 @@ from tedmoe.parallel.topology import Topology
 
 def test_top_k_one_sampling_is_greedy():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64, max_seq_len=16,
-                      moe=MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4))
+                      moe=MoEConfig(ffn_hidden_size=32, num_experts=4))
     model = GPTMoE(cfg, Topology.single())
     model.init_weights(1)
     greedy = generate(model, [1, 2, 3], 20, greedy=True)

@@ -33,9 +33,9 @@ def naive_moe(layer, x_SH):
 @pytest.mark.parametrize("k,dropless,activation", list(itertools.product((1, 2), (False, True), ("gelu", "swiglu"))))
 def test_layer_equals_per_token_loop(k, dropless, activation):
     torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=12, num_experts=4, top_k=k, capacity_factor=0.6,
+    cfg = MoEConfig(ffn_hidden_size=12, num_experts=4, top_k=k, capacity_factor=0.6,
                     min_capacity=1, dropless=dropless, activation=activation)
-    layer = MoE(cfg, Topology.single())
+    layer = MoE(8, cfg, Topology.single())
     x = torch.randn(3, 10, 8)
     r = torch.randn(3, 10, 8)
     xa = x.clone().requires_grad_(True)
@@ -55,8 +55,8 @@ def test_layer_equals_per_token_loop(k, dropless, activation):
 
 
 def test_dropped_tokens_give_zero():
-    cfg = MoEConfig(hidden_size=4, ffn_hidden_size=8, num_experts=2, top_k=1, capacity_factor=0.25, min_capacity=1)
-    layer = MoE(cfg, Topology.single())
+    cfg = MoEConfig(ffn_hidden_size=8, num_experts=2, top_k=1, capacity_factor=0.25, min_capacity=1)
+    layer = MoE(4, cfg, Topology.single())
     x = torch.randn(8, 4)
     y, _ = layer(x)
     dropped = layer.router(x).slot_SK[:, 0] < 0
@@ -65,8 +65,8 @@ def test_dropped_tokens_give_zero():
 
 @pytest.mark.parametrize("change,message", [
     ({"top_k": 5}, "top_k=5 exceeds num_experts=4"),
-    ({"capacity_factor": 0}, "capacity_factor=0 must be > 0"),
+    ({"capacity_factor": 0}, "capacity_factor=0 is not allowed: it must be a finite number > 0"),
 ])
 def test_layer_validates_config_first(change, message):
     with pytest.raises(ValueError, match=message):
-        MoE(MoEConfig(num_experts=4, **change), Topology.single())
+        MoE(64, MoEConfig(num_experts=4, **change), Topology.single())

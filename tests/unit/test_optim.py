@@ -94,10 +94,10 @@ def test_parameter_counts():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"precision": "fp8"}, "precision='fp8' is not one of"),
-    ({"tile_size": 0}, "tile_size=0 must be >= 1"),
-    ({"checkpointing": "always"}, "checkpointing='always' is not one of"),
-    ({"grad_clip": 0.0}, "grad_clip=0.0 must be > 0"),
+    ({"precision": "fp8"}, "train.precision='fp8' is not allowed: it must be one of 'fp32', 'bf16', 'fp16'"),
+    ({"tile_size": 0}, "train.tile_size=0 is not allowed: it must be an integer >= 1"),
+    ({"checkpointing": "always"}, "train.checkpointing='always' is not allowed: it must be one of 'none'"),
+    ({"grad_clip": 0.0}, "train.grad_clip=0.0 is not allowed: it must be a finite number > 0"),
     ({"warmup_steps": 20, "max_steps": 10}, "warmup_steps=20 must be between 0 and max_steps=10"),
 ])
 def test_bad_train_config(change, message):

@@ -8,7 +8,7 @@ from tedmoe.model.transformer import count_parameters
 from tedmoe.parallel.topology import ParallelDims
 from tedmoe.planner.hardware import PRESETS, load_hardware
 from tedmoe.planner.predict import Plan, crosses_nodes, eq5_lower_bound, memory, model_state_bytes, param_counts
-from tedmoe.planner.search import layouts, paper_model
+from tedmoe.planner.search import layouts, paper_model, paper_train
 
 
 @pytest.mark.parametrize("np_base,experts,tp,world", [(1.3e9, 16, 1, 32), (6.7e9, 16, 4, 128), (13e9, 64, 8, 512),
@@ -21,7 +21,7 @@ def test_eq5_is_the_model_state_special_case(np_base, experts, tp, world):
 
 def test_memory_model_states_match_the_formula_for_a_real_model():
     model = paper_model("6.7b", 16)
-    plan = Plan(model, 128, 4, 16, micro_batch=1, seq_len=2048, precision="fp16")
+    plan = Plan(model, 128, 4, 16, micro_batch=1, seq_len=2048, train=paper_train("none"))
     mem = memory(plan)
     counts = param_counts(model, 4, 16)
     full = param_counts(model)

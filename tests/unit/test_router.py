@@ -8,8 +8,8 @@ from tedmoe.moe.router import Router, assign_slots
 
 
 def _router(**kw):
-    cfg = MoEConfig(**{"hidden_size": 2, "num_experts": 2, "top_k": 1, "min_capacity": 0, **kw})
-    r = Router(cfg)
+    cfg = MoEConfig(**{"num_experts": 2, "top_k": 1, "min_capacity": 0, **kw})
+    r = Router(2, cfg)
     with torch.no_grad():
         r.weight.copy_(torch.eye(2) if cfg.num_experts == 2 else torch.zeros(cfg.num_experts, 2))
     return r
@@ -22,7 +22,7 @@ X = torch.tensor([[m, 0.0] for m in MARGINS] + [[0.0, 1.0], [0.0, 2.0]])
 
 @pytest.mark.parametrize("num_experts,k", [(4, 1), (4, 2), (8, 2), (8, 3)])
 def test_uniform_router_aux_loss_is_one(num_experts, k):
-    r = _router(num_experts=num_experts, top_k=k, hidden_size=2)
+    r = _router(num_experts=num_experts, top_k=k)
     out = r(torch.randn(32, 2))
     assert out.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
     assert out.z_loss.item() == pytest.approx(math.log(num_experts) ** 2, rel=1e-6)
@@ -90,10 +90,10 @@ def test_assign_slots_orders_by_priority():
     ({"num_experts": 6}, 1, 4, "num_experts=6 is not divisible by ep=4; make num_experts a multiple of 4"),
     ({"ffn_hidden_size": 100}, 8, 1, "ffn_hidden_size=100 is not divisible by tp=8; make it a multiple of 8 (e.g. 104)"),
     ({"top_k": 9}, 1, 1, "top_k=9 exceeds num_experts=8; set top_k <= 8 or add experts"),
-    ({"capacity_factor": 0.0}, 1, 1, "capacity_factor=0.0 must be > 0"),
-    ({"capacity_factor": -1.0}, 1, 1, "capacity_factor=-1.0 must be > 0"),
-    ({"eval_capacity_factor": 0.0}, 1, 1, "eval_capacity_factor=0.0 must be > 0"),
-    ({"drop_policy": "oldest"}, 1, 1, "drop_policy='oldest' is not one of"),
+    ({"capacity_factor": 0.0}, 1, 1, "capacity_factor=0.0 is not allowed: it must be a finite number > 0"),
+    ({"capacity_factor": -1.0}, 1, 1, "capacity_factor=-1.0 is not allowed: it must be a finite number > 0"),
+    ({"eval_capacity_factor": 0.0}, 1, 1, "eval_capacity_factor=0.0 is not allowed: it must be a finite number > 0"),
+    ({"drop_policy": "oldest"}, 1, 1, "drop_policy='oldest' is not allowed: it must be one of 'position'"),
     ({"gumbel_noise": True}, 1, 1, "gumbel_noise applies to top-1 routing only"),
 ])
 def test_bad_moe_config_names_the_fix(change, tp, ep, message):

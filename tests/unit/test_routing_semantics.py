@@ -49,9 +49,9 @@ def test_layer_equals_the_loop_definition(k, capacity, policy):
     cf, dropless = capacity
     torch.manual_seed(3)
     S, H, E, F_ = 23, 6, 5, 7
-    cfg = MoEConfig(hidden_size=H, ffn_hidden_size=F_, num_experts=E, top_k=k, capacity_factor=cf,
+    cfg = MoEConfig(ffn_hidden_size=F_, num_experts=E, top_k=k, capacity_factor=cf,
                     min_capacity=1, drop_policy=policy, dropless=dropless)
-    layer = MoE(cfg, Topology.single())
+    layer = MoE(H, cfg, Topology.single())
     x = torch.randn(S, H)
     with torch.no_grad():
         y, stats = layer(x)
@@ -74,9 +74,9 @@ def test_layer_equals_the_loop_definition(k, capacity, policy):
     (dict(num_experts=4, top_k=2, capacity_factor=1.0, eval_capacity_factor=2.0), 10, True, 5),
 ])
 def test_capacity_formula(cfg, tokens, training, want):
-    config = MoEConfig(hidden_size=4, **cfg)
+    config = MoEConfig(**cfg)
     assert config.capacity(tokens, training) == want
-    router = Router(config).train(training)
+    router = Router(4, config).train(training)
     assert router(torch.randn(tokens, 4)).capacity == want
 
 
@@ -91,8 +91,8 @@ def test_both_load_balancing_conventions_by_hand():
     all_f = [3 / 8, 3 / 8, 2 / 8]  # expert 0: tokens 0, 2, 3; expert 1: 0, 1, 3; expert 2: 1, 2
     switch_f = [2 / 4, 1 / 4, 1 / 4]  # first choices: 0, 1, 2, 0
     for kind, f in (("all_choices", all_f), ("switch", switch_f)):
-        cfg = MoEConfig(hidden_size=3, num_experts=3, top_k=2, capacity_factor=2.0, aux_loss_type=kind)
-        router = Router(cfg)
+        cfg = MoEConfig(num_experts=3, top_k=2, capacity_factor=2.0, aux_loss_type=kind)
+        router = Router(3, cfg)
         with torch.no_grad():
             router.weight.copy_(torch.eye(3))
         out = router(torch.tensor(LOGITS))
@@ -106,7 +106,7 @@ def test_conventions_agree_for_top1():
     x = torch.randn(32, 4)
     losses = []
     for kind in ("all_choices", "switch"):
-        router = Router(MoEConfig(hidden_size=4, num_experts=4, top_k=1, aux_loss_type=kind))
+        router = Router(4, MoEConfig(num_experts=4, top_k=1, aux_loss_type=kind))
         with torch.no_grad():
             router.weight.copy_(torch.arange(16.0).view(4, 4).sin())
         losses.append(router(x).aux_loss.item())
@@ -120,7 +120,7 @@ def test_checkpoint_recomputes_draw_the_same_numbers():
     from tedmoe.model.transformer import GPTMoE
     from tedmoe.parallel.activation_checkpoint import apply_checkpointing
 
-    moe = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2, capacity_factor=0.5,
+    moe = MoEConfig(ffn_hidden_size=16, num_experts=4, top_k=2, capacity_factor=0.5,
                     drop_policy="random", router_jitter=0.3, min_capacity=1)
     cfg = ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, ffn_hidden_size=32, max_seq_len=8,
                       moe_every=1, moe=moe)
