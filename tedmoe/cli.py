@@ -149,7 +149,7 @@ def _train(args, argv: list[str]) -> int:
 
 
 def _generate(args) -> int:
-    from tedmoe.generate import generate, load_model
+    from tedmoe.inference.generate import generate, load_model
 
     model, tok = load_model(args.ckpt)
     ids = tok.encode(args.prompt)
@@ -236,7 +236,7 @@ def _run(args, argv: list[str]) -> int:
         return 0
     if args.nproc > 1 and not launch.launched():
         return launch.relaunch(args.nproc, argv)
-    from tedmoe import demo
+    from tedmoe.examples import demo
 
     if launch.launched():
         launch.init_distributed()

@@ -11,7 +11,7 @@ from torch import nn
 
 from tedmoe.config import ModelConfig
 from tedmoe.parallel import comm
-from tedmoe.parallel.sequence_parallel import heads_to_seq, kv_replication, seq_to_heads
+from tedmoe.parallel.ulysses import heads_to_seq, kv_replication, seq_to_heads
 from tedmoe.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from tedmoe.parallel.topology import Topology
 

@@ -1,7 +1,7 @@
 """The bytes of the MoE dispatcher's communication steps, predicted without running them.
 
 ``capacity_comm`` follows the numbered steps in ``TEDDispatcher``'s docstring
-(``tedmoe/moe/dispatcher.py``) and builds the ledger a capacity-bounded layer records
+(``tedmoe/moe/dtd_dispatcher.py``) and builds the ledger a capacity-bounded layer records
 (``tedmoe.parallel.ledger`` form), so tests hold the layer to it with ``==`` and the planner
 uses it without importing a layer.
 """

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tedmoe.config import MoEConfig
-from tedmoe.moe.dispatcher import TEDDispatcher
+from tedmoe.moe.dtd_dispatcher import TEDDispatcher
 from tedmoe.moe.experts import GroupedExperts
 from tedmoe.moe.noise import TokenContext
 from tedmoe.moe.router import Router, Routing

@@ -8,7 +8,7 @@ from torch import nn
 from tedmoe.config import TrainConfig
 from tedmoe.parallel import comm
 from tedmoe.parallel.topology import Topology
-from tedmoe.runtime.optim import ZeroAdamW
+from tedmoe.runtime.zero_optimizer import ZeroAdamW
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

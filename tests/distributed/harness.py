@@ -6,7 +6,7 @@
 
 ``fn`` must be a module-level function (it is pickled by name). An exception on any rank
 fails ``run`` with that rank's traceback; ranks that do not report within ``timeout``
-seconds fail it with their numbers. After a failure that leaves ranks stuck (e.g. in a
+seconds (counted once every rank has joined the group) fail it with their numbers. After a failure that leaves ranks stuck (e.g. in a
 collective their peer never joined) the world is torn down and respawned on the next run.
 """
 
@@ -29,6 +29,7 @@ def _worker(rank: int, nprocs: int, init_file: str, tasks, results) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=nprocs,
                             timeout=timedelta(seconds=120))
+    results.put((rank, None, "ready"))
     while (task := tasks.get()) is not None:
         fn, args = task
         try:
@@ -41,8 +42,8 @@ def _worker(rank: int, nprocs: int, init_file: str, tasks, results) -> None:
 class World:
     """``nprocs`` ranks that run whatever ``run`` sends them, until ``close``."""
 
-    def __init__(self, nprocs: int, timeout: float = 300.0, grace: float = 5.0):
-        self.nprocs, self.timeout, self.grace = nprocs, timeout, grace
+    def __init__(self, nprocs: int, timeout: float = 300.0, grace: float = 5.0, startup_timeout: float = 180.0):
+        self.nprocs, self.timeout, self.grace, self.startup_timeout = nprocs, timeout, grace, startup_timeout
         self.procs: list = []
 
     def _start(self) -> None:
@@ -56,6 +57,18 @@ class World:
                                   daemon=True) for r in range(self.nprocs)]
         for p in self.procs:
             p.start()
+        # a run's timeout starts once every rank has joined the group (start-up is slow on a busy machine)
+        ready, deadline = set(), time.monotonic() + self.startup_timeout
+        while len(ready) < self.nprocs:
+            dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+            if dead or time.monotonic() > deadline:
+                self.close(force=True)
+                raise RuntimeError(f"ranks {dead or sorted(set(range(self.nprocs)) - ready)} did not start")
+            try:
+                rank, _, _ = self.results.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            ready.add(rank)
 
     def run(self, fn, *args, timeout: float | None = None) -> list:
         """Call ``fn(*args)`` on every rank; return the per-rank results in rank order."""
@@ -115,3 +128,28 @@ def assert_matches_reference(where: str, got: tuple, ref: tuple, rtol: float = 1
         torch.testing.assert_close(g, ref_grads[name], rtol=rtol, atol=atol, msg=lambda m: f"{where} {name}: {m}")
     torch.testing.assert_close(torch.tensor(curve), torch.tensor(ref_curve), rtol=rtol, atol=atol,
                                msg=lambda m: f"{where} (loss, grad norm) curve: {m}")
+
+
+def train_and_gather(engine, batches, steps: int, num_micro_batches: int) -> tuple:
+    """Train ``engine`` for ``steps`` steps on ``batches(step)`` (this rank's micro-batches) and
+    return what ``assert_matches_reference`` compares: the first step's loss (mean over the
+    ``num_micro_batches`` of the global batch), its full synchronised gradients (gathered before
+    the optimizer changes them, so step 0 runs by hand), and ``[(loss, grad norm)]`` per step."""
+    import torch
+
+    from tedmoe.parallel import comm
+
+    mbs = batches(0)
+    total = torch.zeros(1)
+    for j, (ids, targets) in enumerate(mbs):
+        engine.set_token_context(mbs, j)
+        loss, _ = engine.model(ids, targets)
+        loss.backward()
+        total += loss.detach()
+    first = comm.all_reduce(total, engine.topology.axis("dsp")).item() / num_micro_batches
+    grads = engine.full_gradients(len(mbs))
+    curve = [(first, engine.optimizer.step(len(mbs))["grad_norm"])]
+    for step in range(1, steps):
+        out = engine.train_step(batches(step))
+        curve.append((out["loss"], out["grad_norm"]))
+    return first, grads, curve

@@ -10,12 +10,10 @@ import torch
 
 from tedmoe.config import ModelConfig, MoEConfig, TrainConfig
 from tedmoe.model.transformer import GPTMoE
-from tedmoe.parallel import comm
 from tedmoe.parallel.activation_checkpoint import apply_checkpointing
-from tedmoe.parallel.sharding import full_state_dict, load_full_state_dict, tp_dim
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.engine import Engine
-from tests.distributed.harness import assert_matches_reference
+from tests.distributed.harness import assert_matches_reference, train_and_gather
 
 LAYOUTS = {4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 2), (4, 2), (1, 4), (2, 4)]}  # (tp, ep); dp = world / tp
 GLOBAL_SEQS, SEQ, MICRO_BATCHES, STEPS = 16, 16, 8, 10  # 8 micro-batches of 2 sequences per step
@@ -60,19 +58,7 @@ def rank_batches(step, topology):
 def run(topology, train_cfg, checkpointing="none", steps=STEPS, model_cfg=None):
     """(first-step loss, its full synchronised gradients, the (loss, grad norm) of ``steps`` steps)."""
     engine = build(topology, train_cfg, checkpointing, model_cfg)
-    mbs = rank_batches(0, topology)
-    loss_sum = torch.zeros(1)
-    for ids, targets in mbs:
-        loss, _ = engine.model(ids, targets)
-        loss.backward()
-        loss_sum += loss.detach()
-    first = comm.all_reduce(loss_sum, topology.axis("dsp")).item() / MICRO_BATCHES
-    grads = engine.full_gradients(len(mbs))
-    curve = [(first, engine.optimizer.step(len(mbs))["grad_norm"])]
-    for s in range(1, steps):
-        out = engine.train_step(rank_batches(s, topology))
-        curve.append((out["loss"], out["grad_norm"]))
-    return first, grads, curve
+    return train_and_gather(engine, lambda step: rank_batches(step, topology), steps, MICRO_BATCHES)
 
 
 def check_layouts(world):
@@ -82,27 +68,6 @@ def check_layouts(world):
         result = run(topo, train_config())
         out[(tp, ep)] = result if torch.distributed.get_rank() == 0 else None
     return out
-
-
-def check_state_dicts(world):
-    """Layout-invariant init gathers to the single-process weights; a full state dict loads into
-    any layout; parameters replicated over tp stay identical on the TP ranks through training."""
-    ref = build(Topology.single(), train_config()).model.state_dict()
-    for tp, ep in LAYOUTS[world]:
-        topo = Topology(world, tp=tp, ep=ep)
-        engine = build(topo, train_config())
-        full = full_state_dict(engine.model, topo)
-        assert full.keys() == ref.keys()
-        assert all(torch.equal(full[k], ref[k]) for k in ref), (tp, ep)
-        other = GPTMoE(model_config(), topo)
-        load_full_state_dict(other, full, topo)
-        assert all(torch.equal(a, b) for a, b in zip(other.parameters(), engine.model.parameters()))
-        for s in range(3):
-            engine.train_step(micro_batches(s, topo.size("dp"), topo.coord("dp")))
-        for name, p in engine.model.named_parameters():
-            if tp_dim(p) is None:
-                copies = comm.all_gather(p.detach().unsqueeze(0), topo.axis("tp"))
-                assert all(torch.equal(c, copies[0]) for c in copies), (tp, ep, name)
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +83,6 @@ def test_whole_model_matches_single_process(world, request, reference):
     assert all(norm > 0.3 for _, norm in ref_losses)  # and clipping (grad_clip=0.3) acts on every step
     for (tp, ep), result in results.items():
         assert_matches_reference(f"tp={tp} ep={ep} dp={world // tp}", result, reference)
-
-
-def test_state_dicts_and_replicas(world8):
-    world8.run(check_state_dicts, 8)
 
 
 def check_disagreeing_ranks():

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from tedmoe.config import model_config_from_dict
-from tedmoe.generate import load_model
+from tedmoe.inference.generate import load_model
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology
 

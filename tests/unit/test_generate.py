@@ -1,7 +1,7 @@
 """Sampling from a model: greedy, top-k, temperature, seeds."""
 
 from tedmoe.config import ModelConfig, MoEConfig
-from tedmoe.generate import generate
+from tedmoe.inference.generate import generate
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology
 

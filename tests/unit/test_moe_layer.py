@@ -1,6 +1,8 @@
-"""The single-process MoE layer against a per-token loop over experts (the definition)."""
+"""The single-process MoE layer against per-token loops written here without the library's
+routing code (the definition: each token, each choice, in priority order, with capacity)."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -70,3 +72,53 @@ def test_dropped_tokens_give_zero():
 def test_layer_validates_config_first(change, message):
     with pytest.raises(ValueError, match=message):
         MoE(64, MoEConfig(num_experts=4, **change), Topology.single())
+
+
+def loop_moe(x, W, w1, w2, top_k, capacity_factor, min_capacity, drop_policy, dropless, normalize):
+    """The definition, one token and one choice at a time (float64 Python loops over the pairs)."""
+    S, E = x.shape[0], W.shape[0]
+    probs = torch.softmax(x.double() @ W.double().t(), dim=-1).tolist()
+    choices = [sorted(range(E), key=lambda e: -p[e])[:top_k] for p in probs]
+    gates = []
+    for s in range(S):
+        g = [probs[s][e] for e in choices[s]]
+        total = sum(g)
+        gates.append([v / total for v in g] if normalize and top_k > 1 else g)
+    pairs = [(s, c) for c in range(top_k) for s in range(S)]  # first choices of every token first
+    if drop_policy == "probs":
+        pairs = sorted(pairs, key=lambda p: -gates[p[0]][p[1]])
+    capacity = max(min_capacity, math.ceil(top_k * capacity_factor * S / E))
+    kept, count = set(), [0] * E
+    for s, c in pairs:
+        e = choices[s][c]
+        if dropless or count[e] < capacity:
+            kept.add((s, c))
+            count[e] += 1
+    y = torch.zeros(S, x.shape[1], dtype=torch.float64)
+    for s, c in sorted(kept):
+        e = choices[s][c]
+        y[s] += gates[s][c] * (F.gelu(x[s].double() @ w1[e].double()) @ w2[e].double())
+    return y, count, S * top_k - len(kept)
+
+
+CASES = list(itertools.product((1, 2), ((0.5, False), (1.0, False), (1.25, False), (1.0, True)), ("position", "probs")))
+
+
+@pytest.mark.parametrize("k,capacity,policy", CASES)
+def test_layer_equals_the_loop_definition(k, capacity, policy):
+    cf, dropless = capacity
+    torch.manual_seed(3)
+    S, H, E, F_ = 23, 6, 5, 7
+    cfg = MoEConfig(ffn_hidden_size=F_, num_experts=E, top_k=k, capacity_factor=cf,
+                    min_capacity=1, drop_policy=policy, dropless=dropless)
+    layer = MoE(H, cfg, Topology.single())
+    x = torch.randn(S, H)
+    with torch.no_grad():
+        y, stats = layer(x)
+    want_y, want_count, want_dropped = loop_moe(x, layer.router.weight, layer.experts.w1, layer.experts.w2, k, cf,
+                                                1, policy, dropless, True)
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-6)
+    assert stats.tokens_per_expert.tolist() == want_count
+    assert stats.drop_fraction.item() == pytest.approx(want_dropped / (S * k))
+    if dropless or cf == 0.5:  # the cases do exercise drops
+        assert (want_dropped > 0) == (not dropless)

@@ -1,3 +1,6 @@
+"""The router: top-k, capacity (the formula, computed by hand), overflow policies, noise, both
+load-balancing conventions, and its config checks."""
+
 import math
 
 import pytest
@@ -100,3 +103,52 @@ def test_bad_moe_config_names_the_fix(change, tp, ep, message):
     with pytest.raises(ValueError) as err:
         MoEConfig(**change).validate(tp, ep)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("cfg,tokens,training,want", [
+    (dict(num_experts=4, top_k=2, capacity_factor=1.25), 10, True, 7),  # ceil(6.25) = 7, floor would be 6
+    (dict(num_experts=4, top_k=2, capacity_factor=1.0), 12, True, 6),  # exact
+    (dict(num_experts=3, top_k=1, capacity_factor=0.3, min_capacity=0), 7, True, 1),  # ceil(0.7) = 1
+    (dict(num_experts=3, top_k=2, capacity_factor=1.1, min_capacity=0), 10, True, 8),  # ceil(7.33) = 8
+    (dict(num_experts=4, top_k=2, capacity_factor=1.25, min_capacity=8), 10, True, 8),  # the floor
+    (dict(num_experts=4, top_k=2, capacity_factor=1.0, eval_capacity_factor=2.0), 10, False, 10),
+    (dict(num_experts=4, top_k=2, capacity_factor=1.0, eval_capacity_factor=2.0), 10, True, 5),
+])
+def test_capacity_formula(cfg, tokens, training, want):
+    config = MoEConfig(**cfg)
+    assert config.capacity(tokens, training) == want
+    router = Router(4, config).train(training)
+    assert router(torch.randn(tokens, 4)).capacity == want
+
+
+# Logits are the inputs themselves (router weight = identity): 4 tokens, 3 experts, top-2.
+LOGITS = [[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 2.5], [0.5, 0.2, 0.1]]
+
+
+def test_both_load_balancing_conventions_by_hand():
+    probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in LOGITS]
+    # choices (by probability): token 0 -> (0, 1), 1 -> (1, 2), 2 -> (2, 0), 3 -> (0, 1)
+    mean_p = [sum(p[e] for p in probs) / 4 for e in range(3)]
+    all_f = [3 / 8, 3 / 8, 2 / 8]  # expert 0: tokens 0, 2, 3; expert 1: 0, 1, 3; expert 2: 1, 2
+    switch_f = [2 / 4, 1 / 4, 1 / 4]  # first choices: 0, 1, 2, 0
+    for kind, f in (("all_choices", all_f), ("switch", switch_f)):
+        cfg = MoEConfig(num_experts=3, top_k=2, capacity_factor=2.0, aux_loss_type=kind)
+        router = Router(3, cfg)
+        with torch.no_grad():
+            router.weight.copy_(torch.eye(3))
+        out = router(torch.tensor(LOGITS))
+        assert out.expert_SK.tolist() == [[0, 1], [1, 2], [2, 0], [0, 1]]
+        want = 3 * sum(fe * pe for fe, pe in zip(f, mean_p))
+        assert out.aux_loss.item() == pytest.approx(want, rel=1e-6), kind
+    assert 3 * sum(a * p for a, p in zip(all_f, mean_p)) != pytest.approx(3 * sum(a * p for a, p in zip(switch_f, mean_p)))
+
+
+def test_conventions_agree_for_top1():
+    x = torch.randn(32, 4)
+    losses = []
+    for kind in ("all_choices", "switch"):
+        router = Router(4, MoEConfig(num_experts=4, top_k=1, aux_loss_type=kind))
+        with torch.no_grad():
+            router.weight.copy_(torch.arange(16.0).view(4, 4).sin())
+        losses.append(router(x).aux_loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-7)

@@ -1,6 +1,7 @@
-"""Odd degrees (world 6: TP 3, EP 3, SP 2) and random routing (random token selection, input
-jitter, Gumbel noise) give the single-process loss, gradients and training curve, and no two
-data-parallel ranks share noise.
+"""Layout-invariant random routing (tedmoe/moe/noise.py): random token selection, input jitter
+and Gumbel noise give the single-process loss, gradients and training curve in odd-degree
+layouts (world 6: TP 3, EP 3, SP 2; the deterministic ``position`` option is the control), and
+no two data-parallel ranks share noise.
 
 The reference is the single-process engine on the same global batch, as micro-batches; each
 token's draws depend on its place in the global batch (tedmoe/moe/noise.py), not on its rank.
@@ -15,7 +16,7 @@ from tedmoe.moe import noise
 from tedmoe.parallel import comm
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.engine import Engine
-from tests.distributed.harness import assert_matches_reference
+from tests.distributed.harness import assert_matches_reference, train_and_gather
 
 GLOBAL_SEQS, SEQ, MICRO_BATCHES, STEPS = 12, 16, 6, 5
 OPTIONS = {  # name -> MoE settings (all but the first draw random numbers)
@@ -58,20 +59,7 @@ def run(topology, option):
     model.init_weights(seed=0)
     engine = Engine(model, topology, TrainConfig(lr=1e-2, warmup_steps=1, max_steps=STEPS, grad_clip=0.3,
                                                  tile_size=100))
-    mbs = micro_batches(0, topology)
-    total = torch.zeros(1)
-    for j, (ids, targets) in enumerate(mbs):
-        engine.set_token_context(mbs, j)
-        loss, _ = model(ids, targets)
-        loss.backward()
-        total += loss.detach()
-    first = comm.all_reduce(total, topology.axis("dsp")).item() / MICRO_BATCHES
-    grads = engine.full_gradients(len(mbs))
-    curve = [(first, engine.optimizer.step(len(mbs))["grad_norm"])]
-    for s in range(1, STEPS):
-        out = engine.train_step(micro_batches(s, topology))
-        curve.append((out["loss"], out["grad_norm"]))
-    return first, grads, curve
+    return train_and_gather(engine, lambda step: micro_batches(step, topology), STEPS, MICRO_BATCHES)
 
 
 def check_layouts():

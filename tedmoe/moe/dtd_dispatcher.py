@@ -1,4 +1,14 @@
-"""Moving tokens to their experts and back, by index, across ``ep`` and (with DTD) ``tp``.
+"""Duplicate token dropping (DTD) in the TED dispatcher: moving tokens to their experts and
+back, by index, across ``ep`` and (with DTD) ``tp``.
+
+The TP ranks of an expert-parallel group hold the same tokens; without DTD each sends all of
+them through the all-to-all, so every row crosses the network ``tp`` times. With DTD each TP
+rank sends only its ``1/tp`` share of every expert's slots and an all-gather over ``tp`` (on the
+fast intra-node links) rebuilds the full expert input; the return path mirrors it with a
+reduce-scatter. ``TEDDispatcher`` below does both, switched by ``dtd``.
+
+Other places DTD touches: ``moe/dispatch_comm.py`` (the exact bytes of every step, for the tests
+and the planner), ``parallel/comm.py`` (the collectives), ``config.MoEConfig.dtd`` (the switch).
 
 Legend: S tokens, H hidden, E experts, K top-k, L = E / ep local experts, C capacity,
 n = tp size, m = ep size, d = n with DTD else 1, c_e = ceil(rows of expert e / d).

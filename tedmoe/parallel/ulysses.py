@@ -5,6 +5,11 @@ D head dim, P = sp size. Each SP rank holds ``t`` consecutive tokens of every se
 needs every token, so q, k and v go through ``seq_to_heads`` (scatter heads, gather sequence),
 attention runs on ``n/P`` heads over the full sequence, and ``heads_to_seq`` brings the output back.
 Both are ``all_to_all_autograd`` calls, so the backward is the reverse exchange.
+
+Other places Ulysses touches: ``model/attention.py`` (calls the two exchanges around attention
+and replicates GQA kv heads up to ``sp``), ``moe/router.py`` (the load-balancing loss sums its
+counts over the SP group), ``runtime/trainer.py`` and ``runtime/engine.py`` (each rank takes its
+chunk of every sequence; losses sum over ``dsp``), ``parallel/topology.py`` (the ``sp`` axis).
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ weights and Adam moments. A step:
 
 The tiled and untiled steps do the same elementwise operations, so they agree bit for bit;
 the norm is summed in fixed chunks (``NORM_CHUNK``) independent of the tile size.
+
+Other places the ZeRO-1 step touches: ``parallel/sharding.py`` (``replica_axis`` picks each
+parameter's group, ``counted_once`` its norm flags), ``runtime/checkpoint.py`` (saves the
+states per parameter, so a checkpoint loads into any layout), ``runtime/engine.py`` (calls
+``step`` after the micro-batches), ``planner/predict.py`` (the states' memory and the tile's spike).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch
 from tedmoe.config import ModelConfig, MoEConfig
 from tedmoe.model.attention import Attention
 from tedmoe.parallel import comm
-from tedmoe.parallel.sequence_parallel import heads_to_seq, seq_to_heads
+from tedmoe.parallel.ulysses import heads_to_seq, seq_to_heads
 from tedmoe.parallel.sharding import load_full_state_dict
 from tedmoe.parallel.topology import Topology
 from tests.distributed.harness import assert_matches_reference

@@ -1,0 +1,1 @@
+"""Small runnable programs that show the parallel pieces at work (``tedmoe demo``)."""

@@ -1,0 +1,1 @@
+"""Using a trained model: loading a checkpoint of any layout and generating text."""
