@@ -27,15 +27,80 @@ from tedmoe.parallel.topology import Topology
 
 @dataclass
 class DispatchPlan:
-    """Index bookkeeping shared by ``dispatch`` and ``combine`` (identical on the TP ranks)."""
+    """Index bookkeeping shared by ``dispatch`` and ``combine`` (identical on the TP ranks).
 
-    pairs: torch.Tensor  # flat (token * K + choice) index of the pairs this rank sends
-    tokens: torch.Tensor  # their token index
-    rows: torch.Tensor  # their row in this rank's send buffer
+    A pair is *sent* when it was kept by the router and (under DTD) this TP rank owns its slot.
+    R is the number of rows of this rank's send buffer.
+    """
+
+    row_SK: torch.Tensor  # send-buffer row of each pair (0 for pairs not sent)
+    unsent_P: torch.Tensor  # flat (token * K + choice) index of the pairs not sent
+    token_R: torch.Tensor  # token each send-buffer row copies (0 for empty rows)
+    empty_R: torch.Tensor  # the rows no pair fills (zeros on the way out, ignored on the way back)
+    pair_R: torch.Tensor  # flat pair index of each row (0 for empty rows)
     send_splits: list[int]
     recv_splits: list[int]
     dest: torch.Tensor | None  # dropless: received (gathered) row -> flat index into the [L * T] expert input
-    num_tokens: int
+
+
+class _GatherTokens(torch.autograd.Function):
+    """Forward: the send buffer ``[R, H]``, row r a copy of token ``token_R[r]`` (empty rows zero).
+    Backward: each token's gradient is the sum of its sent pairs' rows (a gather by ``row_SK`` and
+    a sum over K: every row belongs to one pair, so nothing is scattered)."""
+
+    @staticmethod
+    def forward(ctx, x_SH, plan: DispatchPlan):
+        ctx.plan = plan
+        out = x_SH.index_select(0, plan.token_R)
+        return out.index_fill_(0, plan.empty_R, 0) if len(plan.empty_R) else out
+
+    @staticmethod
+    def backward(ctx, grad_RH):
+        plan = ctx.plan
+        S, K = plan.row_SK.shape
+        if grad_RH.shape[0] == 0:
+            return grad_RH.new_zeros(S, grad_RH.shape[1]), None
+        g = grad_RH.index_select(0, plan.row_SK.reshape(-1))
+        if len(plan.unsent_P):
+            g.index_fill_(0, plan.unsent_P, 0)
+        return g.view(S, K, -1).sum(1), None
+
+
+class _WeightedSum(torch.autograd.Function):
+    """Forward: ``out[s] = sum_k gate[s, k] * y[row[s, k]]`` over the sent pairs. Backward: row r of
+    ``y`` gets its pair's gate times its token's gradient (a gather), each gate the dot product of
+    its token's gradient with its row."""
+
+    @staticmethod
+    def forward(ctx, y_RH, gate_SK, plan: DispatchPlan):
+        S, K = plan.row_SK.shape
+        if y_RH.shape[0] == 0:
+            g = y_RH.new_zeros(S, K, y_RH.shape[1])
+        else:
+            g = y_RH.index_select(0, plan.row_SK.reshape(-1)).view(S, K, -1)
+        w_P = gate_SK.detach().to(y_RH.dtype).reshape(-1)
+        if len(plan.unsent_P):
+            w_P = w_P.index_fill(0, plan.unsent_P, 0)
+        w_SK = w_P.view(S, K)
+        out = g[:, 0] * w_SK[:, :1]
+        for k in range(1, K):
+            out.addcmul_(g[:, k], w_SK[:, k:k + 1])
+        gate_R = w_P.index_select(0, plan.pair_R)
+        if len(plan.empty_R):
+            gate_R.index_fill_(0, plan.empty_R, 0)
+        ctx.plan, ctx.gate_dtype = plan, gate_SK.dtype
+        ctx.save_for_backward(g, gate_R)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_SH):
+        g, gate_R = ctx.saved_tensors
+        plan = ctx.plan
+        grad_y = grad_SH.index_select(0, plan.token_R).mul_(gate_R.unsqueeze(1))
+        grad_gate = (g * grad_SH.unsqueeze(1)).sum(2)  # (not bmm: a batch of S tiny products is slow)
+        if len(plan.unsent_P):
+            grad_gate.view(-1).index_fill_(0, plan.unsent_P, 0)
+        return grad_y, grad_gate.to(ctx.gate_dtype), None
 
 
 class TEDDispatcher:
@@ -81,13 +146,9 @@ class TEDDispatcher:
             rows_E = torch.full((self.num_experts,), routing.capacity, device=x_SH.device)
         seg_E = (rows_E + d - 1) // d
         slot_P, expert_P = routing.slot_SK.reshape(-1), routing.expert_SK.reshape(-1)
-        kept = (slot_P >= 0).nonzero().squeeze(1)
-        e, s = expert_P[kept], slot_P[kept]
-        own = s // seg_E[e] == t
-        pairs, e, s = kept[own], e[own], s[own]
-        rows = (torch.cumsum(seg_E, 0) - seg_E)[e] + s % seg_E[e]
-        tokens = pairs // K
-
+        seg_P = seg_E.clamp(min=1)[expert_P]
+        sent_P = (slot_P >= 0) & (slot_P // seg_P == t)  # kept, and (DTD) this TP rank's slot
+        row_P = torch.where(sent_P, (torch.cumsum(seg_E, 0) - seg_E)[expert_P] + slot_P % seg_P, 0)
         x_in = comm.copy_to_region(x_SH, tp)
         seg_mL = seg_E.view(ep.size, L)
         if routing.capacity is not None:  # every segment has ceil(C / d) rows: known on the host, no sync
@@ -97,14 +158,20 @@ class TEDDispatcher:
         else:
             recv_mL = comm.all_to_all(seg_mL, ep)
             send_splits, recv_splits = seg_mL.sum(1).tolist(), recv_mL.sum(1).tolist()
-        send = x_SH.new_zeros(sum(send_splits), H).index_copy(0, rows, x_in.index_select(0, tokens))
+        pairs = sent_P.nonzero().squeeze(1)
+        pair_R = torch.full((sum(send_splits),), -1, dtype=torch.long, device=x_SH.device)
+        pair_R[row_P[pairs]] = pairs
+        empty_R = (pair_R < 0).nonzero().squeeze(1)
+        pair_R.clamp_(min=0)
+        plan = DispatchPlan(row_P.view(S, K), (~sent_P).nonzero().squeeze(1), pair_R // K, empty_R, pair_R,
+                            send_splits, recv_splits, None)
+        send = _GatherTokens.apply(x_in, plan)
         recv = comm.all_to_all_autograd(send, ep, send_splits, recv_splits)
         if self.dtd:
             recv = comm.gather_along(recv, tp, 0)  # rows ordered (tp rank, source, expert, slot)
 
         if routing.capacity is not None:  # equal segments: a transpose, a view when d * m == 1
-            expert_in = recv.view(self._blocks(), L, -1, H).transpose(0, 1).reshape(L, -1, H)
-            return expert_in, DispatchPlan(pairs, tokens, rows, send_splits, recv_splits, None, S)
+            return recv.view(self._blocks(), L, -1, H).transpose(0, 1).reshape(L, -1, H), plan
         seg_len = recv_mL.reshape(-1).repeat(d)
         per_expert = seg_len.view(-1, L)
         start_in_expert = (torch.cumsum(per_expert, 0) - per_expert).reshape(-1)
@@ -113,8 +180,8 @@ class TEDDispatcher:
         first_row = torch.cumsum(seg_len, 0) - seg_len
         pos = start_in_expert[seg_of_row] + torch.arange(len(seg_of_row), device=x_SH.device) - first_row[seg_of_row]
         dest = (seg_of_row % L) * T + pos
-        expert_in = recv.new_zeros(L * T, H).index_copy(0, dest, recv).view(L, T, H)
-        return expert_in, DispatchPlan(pairs, tokens, rows, send_splits, recv_splits, dest, S)
+        plan.dest = dest
+        return recv.new_zeros(L * T, H).index_copy(0, dest, recv).view(L, T, H), plan
 
     def _blocks(self) -> int:
         """Blocks of equal segments in the received rows: (tp rank if DTD) x (ep source)."""
@@ -130,9 +197,8 @@ class TEDDispatcher:
             y = y_LTH.reshape(-1, H).index_select(0, plan.dest)
         y = comm.reduce_scatter_along(y, tp, 0) if self.dtd else comm.reduce_from_region(y, tp)
         back = comm.all_to_all_autograd(y, ep, plan.recv_splits, plan.send_splits)
-        gates = routing.gate_SK.reshape(-1)
+        gates = routing.gate_SK
         if self.dtd:  # each TP rank combines only its pairs, so gate gradients are partial
             gates = comm.copy_to_region(gates, tp)
-        weighted = back.index_select(0, plan.rows) * gates.index_select(0, plan.pairs).to(back.dtype).unsqueeze(1)
-        out = back.new_zeros(plan.num_tokens, back.shape[1]).index_add(0, plan.tokens, weighted)
+        out = _WeightedSum.apply(back, gates, plan)
         return comm.reduce_from_region(out, tp) if self.dtd else out

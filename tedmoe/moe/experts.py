@@ -23,6 +23,28 @@ from tedmoe.parallel.topology import Topology
 TP_DIMS = {"w1": 2, "w3": 2, "w2": 1}
 
 
+class _GeluMLP(torch.autograd.Function):
+    """``gelu(x @ w1) @ w2`` per expert, as autograd would compute it (same operations, same
+    saved tensors), except that the activation's backward overwrites its incoming gradient
+    instead of allocating another ``[L, T, F]`` buffer."""
+
+    @staticmethod
+    def forward(ctx, x_LTH, w1, w2):
+        h_LTF = torch.bmm(x_LTH, w1)
+        a_LTF = F.gelu(h_LTF)
+        ctx.save_for_backward(x_LTH, w1, w2, h_LTF, a_LTF)
+        return torch.bmm(a_LTF, w2)
+
+    @staticmethod
+    def backward(ctx, grad_LTH):
+        x_LTH, w1, w2, h_LTF, a_LTF = ctx.saved_tensors
+        grad_w2 = torch.bmm(a_LTF.transpose(1, 2), grad_LTH)
+        grad_LTF = torch.bmm(grad_LTH, w2.transpose(1, 2))
+        torch.ops.aten.gelu_backward.grad_input(grad_LTF, h_LTF, grad_input=grad_LTF)
+        grad_x = torch.bmm(grad_LTF, w1.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.bmm(x_LTH.transpose(1, 2), grad_LTF), grad_w2
+
+
 class GroupedExperts(nn.Module):
     """``L`` bias-free two-layer MLPs applied with batched matmuls (no loop over experts)."""
 
@@ -47,8 +69,9 @@ class GroupedExperts(nn.Module):
         return self.w1.shape[0]
 
     def forward(self, x_LTH: torch.Tensor) -> torch.Tensor:
-        h = torch.bmm(x_LTH, self.w1)
-        h = F.silu(h) * torch.bmm(x_LTH, self.w3) if self.w3 is not None else F.gelu(h)
+        if self.w3 is None:
+            return _GeluMLP.apply(x_LTH, self.w1, self.w2)  # partial sum over tp
+        h = F.silu(torch.bmm(x_LTH, self.w1)) * torch.bmm(x_LTH, self.w3)
         return torch.bmm(h, self.w2)  # partial sum over tp
 
     def load_full(self, full: dict[str, torch.Tensor]) -> None:

@@ -32,7 +32,7 @@ def naive_moe(layer, x_SH):
     return torch.stack(rows), routing
 
 
-@pytest.mark.parametrize("k,dropless,activation", list(itertools.product((1, 2), (False, True), ("gelu", "swiglu"))))
+@pytest.mark.parametrize("k,dropless,activation", list(itertools.product((1, 2, 3), (False, True), ("gelu", "swiglu"))))
 def test_layer_equals_per_token_loop(k, dropless, activation):
     torch.manual_seed(0)
     cfg = MoEConfig(ffn_hidden_size=12, num_experts=4, top_k=k, capacity_factor=0.6,
