@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from tedmoe.moe.router import Routing
 from tedmoe.parallel import comm
@@ -34,10 +35,11 @@ class DispatchPlan:
     """
 
     row_SK: torch.Tensor  # send-buffer row of each pair (0 for pairs not sent)
-    unsent_P: torch.Tensor  # flat (token * K + choice) index of the pairs not sent
+    sent_SK: torch.Tensor  # 1.0 for the pairs sent, 0.0 for the others
     token_R: torch.Tensor  # token each send-buffer row copies (0 for empty rows)
     empty_R: torch.Tensor  # the rows no pair fills (zeros on the way out, ignored on the way back)
-    pair_R: torch.Tensor  # flat pair index of each row (0 for empty rows)
+    filled_R: torch.Tensor  # the other rows
+    pair_R: torch.Tensor  # flat (token * K + choice) pair index of each row (0 for empty rows)
     send_splits: list[int]
     recv_splits: list[int]
     dest: torch.Tensor | None  # dropless: received (gathered) row -> flat index into the [L * T] expert input
@@ -45,8 +47,8 @@ class DispatchPlan:
 
 class _GatherTokens(torch.autograd.Function):
     """Forward: the send buffer ``[R, H]``, row r a copy of token ``token_R[r]`` (empty rows zero).
-    Backward: each token's gradient is the sum of its sent pairs' rows (a gather by ``row_SK`` and
-    a sum over K: every row belongs to one pair, so nothing is scattered)."""
+    Backward: each token's gradient is the sum of its sent pairs' rows, one fused gather-and-sum
+    (``embedding_bag`` over ``row_SK``; every row belongs to one pair, so nothing is scattered)."""
 
     @staticmethod
     def forward(ctx, x_SH, plan: DispatchPlan):
@@ -60,47 +62,36 @@ class _GatherTokens(torch.autograd.Function):
         S, K = plan.row_SK.shape
         if grad_RH.shape[0] == 0:
             return grad_RH.new_zeros(S, grad_RH.shape[1]), None
-        g = grad_RH.index_select(0, plan.row_SK.reshape(-1))
-        if len(plan.unsent_P):
-            g.index_fill_(0, plan.unsent_P, 0)
-        return g.view(S, K, -1).sum(1), None
+        return F.embedding_bag(plan.row_SK, grad_RH, mode="sum", per_sample_weights=plan.sent_SK.to(grad_RH.dtype)), None
 
 
 class _WeightedSum(torch.autograd.Function):
-    """Forward: ``out[s] = sum_k gate[s, k] * y[row[s, k]]`` over the sent pairs. Backward: row r of
-    ``y`` gets its pair's gate times its token's gradient (a gather), each gate the dot product of
-    its token's gradient with its row."""
+    """Forward: ``out[s] = sum_k gate[s, k] * y[row[s, k]]`` over the sent pairs (one fused
+    ``embedding_bag``). Backward: one gather of the tokens' gradients onto the rows gives both
+    ``y``'s gradient (times each row's gate) and the gates' (its dot product with the row)."""
 
     @staticmethod
     def forward(ctx, y_RH, gate_SK, plan: DispatchPlan):
         S, K = plan.row_SK.shape
+        w_SK = gate_SK.detach().to(y_RH.dtype) * plan.sent_SK.to(y_RH.dtype)
         if y_RH.shape[0] == 0:
-            g = y_RH.new_zeros(S, K, y_RH.shape[1])
+            out = y_RH.new_zeros(S, y_RH.shape[1])
         else:
-            g = y_RH.index_select(0, plan.row_SK.reshape(-1)).view(S, K, -1)
-        w_P = gate_SK.detach().to(y_RH.dtype).reshape(-1)
-        if len(plan.unsent_P):
-            w_P = w_P.index_fill(0, plan.unsent_P, 0)
-        w_SK = w_P.view(S, K)
-        out = g[:, 0] * w_SK[:, :1]
-        for k in range(1, K):
-            out.addcmul_(g[:, k], w_SK[:, k:k + 1])
-        gate_R = w_P.index_select(0, plan.pair_R)
-        if len(plan.empty_R):
-            gate_R.index_fill_(0, plan.empty_R, 0)
+            out = F.embedding_bag(plan.row_SK, y_RH, mode="sum", per_sample_weights=w_SK)
+        gate_R = w_SK.reshape(-1).index_select(0, plan.pair_R)  # zero where the row is empty
         ctx.plan, ctx.gate_dtype = plan, gate_SK.dtype
-        ctx.save_for_backward(g, gate_R)
+        ctx.save_for_backward(y_RH, gate_R)
         return out
 
     @staticmethod
     def backward(ctx, grad_SH):
-        g, gate_R = ctx.saved_tensors
+        y_RH, gate_R = ctx.saved_tensors
         plan = ctx.plan
-        grad_y = grad_SH.index_select(0, plan.token_R).mul_(gate_R.unsqueeze(1))
-        grad_gate = (g * grad_SH.unsqueeze(1)).sum(2)  # (not bmm: a batch of S tiny products is slow)
-        if len(plan.unsent_P):
-            grad_gate.view(-1).index_fill_(0, plan.unsent_P, 0)
-        return grad_y, grad_gate.to(ctx.gate_dtype), None
+        S, K = plan.row_SK.shape
+        g_RH = grad_SH.index_select(0, plan.token_R)  # each row's token's gradient
+        grad_gate = grad_SH.new_zeros(S * K)
+        grad_gate[plan.pair_R[plan.filled_R]] = (g_RH * y_RH).sum(1)[plan.filled_R]
+        return g_RH.mul_(gate_R.unsqueeze(1)), grad_gate.view(S, K).to(ctx.gate_dtype), None
 
 
 class TEDDispatcher:
@@ -161,9 +152,9 @@ class TEDDispatcher:
         pairs = sent_P.nonzero().squeeze(1)
         pair_R = torch.full((sum(send_splits),), -1, dtype=torch.long, device=x_SH.device)
         pair_R[row_P[pairs]] = pairs
-        empty_R = (pair_R < 0).nonzero().squeeze(1)
+        empty_R, filled_R = (pair_R < 0).nonzero().squeeze(1), (pair_R >= 0).nonzero().squeeze(1)
         pair_R.clamp_(min=0)
-        plan = DispatchPlan(row_P.view(S, K), (~sent_P).nonzero().squeeze(1), pair_R // K, empty_R, pair_R,
+        plan = DispatchPlan(row_P.view(S, K), sent_P.view(S, K).float(), pair_R // K, empty_R, filled_R, pair_R,
                             send_splits, recv_splits, None)
         send = _GatherTokens.apply(x_in, plan)
         recv = comm.all_to_all_autograd(send, ep, send_splits, recv_splits)
