@@ -1,0 +1,1 @@
+"""Exchange with other ecosystems: Hugging Face model directories (the Mixtral layout)."""

@@ -1,0 +1,110 @@
+"""The Mixtral layout against ``transformers`` itself (a test dependency; nothing is downloaded:
+tiny random models are built with ``MixtralConfig`` + ``MixtralForCausalLM``): a checkpoint that
+transformers wrote imports with equal logits, an export loads into transformers with equal logits,
+import -> export gives the same tensors, and models Mixtral cannot express are refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tedmoe.config import ModelConfig, MoEConfig
+from tedmoe.interop import hf, mixtral
+from tedmoe.model.transformer import GPTMoE
+from tedmoe.parallel.topology import Topology
+
+transformers = pytest.importorskip("transformers")
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def hf_model(tmp_path, seed=0):
+    """A tiny random Mixtral written by transformers (GQA, 4 experts, top-2, a rope base of its own)."""
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(vocab_size=80, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                     num_attention_heads=6, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64, rope_theta=5000.0,
+                                     rms_norm_eps=1e-6, tie_word_embeddings=False)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    for p in model.parameters():  # larger than the default init, so routing and logits vary
+        torch.nn.init.normal_(p, std=0.2)
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def ids():
+    return torch.randint(0, 80, (3, 17), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_transformers_checkpoint_imports_with_equal_logits(tmp_path):
+    model, path = hf_model(tmp_path)
+    cfg, state = hf.load(path)
+    assert (cfg.num_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.moe.dropless) == (2, 5000.0, 1e-6, True)
+    ours = GPTMoE(cfg, Topology.single()).eval()
+    ours.load_state_dict(state)
+    with torch.no_grad():
+        want = model(ids()).logits
+    torch.testing.assert_close(ours.logits(ids()), want, **TOL)
+
+
+def test_an_export_loads_into_transformers_with_equal_logits(tmp_path):
+    cfg = ModelConfig(vocab_size=72, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
+                      rope_theta=20000.0, moe_every=1,
+                      moe=MoEConfig(ffn_hidden_size=24, num_experts=4, top_k=2, activation="swiglu", dropless=True))
+    ours = GPTMoE(cfg, Topology.single()).eval()
+    ours.init_weights(seed=3)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.mul_(8.0) if p.dim() > 1 else None  # routing and logits far from uniform
+    out = hf.save(ours.state_dict(), cfg, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "MixtralForCausalLM"
+    x = torch.randint(0, 72, (2, 19), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(x), loaded(x).logits, **TOL)
+
+
+def test_import_then_export_gives_the_same_tensors(tmp_path):
+    _, path = hf_model(tmp_path)
+    cfg, state = hf.load(path)
+    out = hf.save(state, cfg, tmp_path / "again")
+    a, b = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"moe_every": 2}, "model.moe_every=2: Mixtral has an MoE MLP in every block"),
+    ({"activation": "gelu"}, "model.moe.activation='gelu': Mixtral's experts are SwiGLU"),
+    ({"normalize_gates": False}, "model.moe.normalize_gates=false"),
+])
+def test_what_mixtral_cannot_express_is_refused_before_writing(tmp_path, change, message):
+    moe = MoEConfig(ffn_hidden_size=16, num_experts=4, activation=change.get("activation", "swiglu"),
+                    normalize_gates=change.get("normalize_gates", True))
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=8,
+                      moe_every=change.get("moe_every", 1), moe=moe)
+    state = GPTMoE(cfg, Topology.single()).state_dict()
+    with pytest.raises(ValueError, match=message):
+        hf.save(state, cfg, tmp_path / "out")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_directories_are_named(tmp_path):
+    _, path = hf_model(tmp_path)
+    with pytest.raises(ValueError, match="exists; export into a new directory"):
+        hf.save({}, ModelConfig(moe_every=1, moe=MoEConfig(activation="swiglu")), path)
+    with pytest.raises(ValueError, match="has no config.json"):
+        hf.load(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama'; this reader takes 'mixtral'"):
+        hf.load(path)
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 44}))
+    with pytest.raises(ValueError, match=r"block_sparse_moe.experts.0.w1.weight has shape \(40, 48\) but the config "
+                                         r"needs \(44, 48\)"):
+        hf.load(path)
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="lacks .* tensor"):
+        hf.load(path)
+    assert mixtral.to_hf_shapes(hf.read_config(path))["lm_head.weight"] == (80, 48)
