@@ -1,4 +1,4 @@
-"""The ``tedmoe`` command: train, generate, plot, data, demo. Thin: the work lives in the library."""
+"""The ``tedmoe`` command: train, generate, export, plot, data, plan, demo. Thin: the work lives in the library."""
 
 from __future__ import annotations
 
@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=POSITIVE_INT, default=40, help="sample among the k most likely tokens")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--seed", type=NONNEG_INT, default=0)
+
+    ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (Mixtral layout)")
+    ex.add_argument("ckpt", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    ex.add_argument("--format", choices=("hf",), default="hf", help="hf: config.json + safetensors for transformers")
+    ex.add_argument("--out", required=True, help="a new directory (an existing one is refused)")
 
     pl = sub.add_parser("plot", help="write PNG plots of a run's metrics into RUN_DIR/plots")
     pl.add_argument("run_dir")
@@ -158,6 +163,21 @@ def _generate(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from pathlib import Path
+
+    from tedmoe.inference.generate import load_model
+    from tedmoe.interop import hf, mixtral
+
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} exists; export into a new directory (nothing is overwritten)")
+    model, _ = load_model(args.ckpt)
+    mixtral.check_expressible(model.config)  # before the weights are gathered and written
+    out = hf.save(model.state_dict(), model.config, args.out)
+    print(f"wrote {out} (Mixtral layout: transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    return 0
+
+
 def _plan(args) -> int:
     import dataclasses
     import json
@@ -222,6 +242,8 @@ def _run(args, argv: list[str]) -> int:
         return _generate(args)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "export":
+        return _export(args)
     if args.command == "plot":
         from tedmoe.runtime.plots import plot_run
 

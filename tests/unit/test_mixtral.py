@@ -108,3 +108,50 @@ def test_bad_directories_are_named(tmp_path):
     with pytest.raises(ValueError, match="lacks .* tensor"):
         hf.load(path)
     assert mixtral.to_hf_shapes(hf.read_config(path))["lm_head.weight"] == (80, 48)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny trained runs (one process): one Mixtral-expressible, one with the paper's GELU
+    experts every other block."""
+    import os
+
+    from tedmoe.config import load_run_config
+    from tedmoe.runtime.trainer import train
+
+    os.environ["TEDMOE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    root = tmp_path_factory.mktemp("runs")
+    mixtral_like = ["model.moe_every=1", 'model.moe.activation="swiglu"', "model.moe.dropless=true"]
+    for name, extra in (("mixtral", mixtral_like), ("gelu", [])):
+        train(load_run_config(None, "tiny", ["train.max_steps=2", "export=false", f'out_dir="{root / name}"', *extra]))
+    yield root
+    os.environ.pop("TEDMOE_CACHE")
+
+
+def test_tedmoe_export_writes_what_transformers_loads(runs, tmp_path, capsys):
+    from tedmoe.cli import main
+    from tedmoe.inference.generate import load_model
+
+    assert main(["export", str(runs / "mixtral"), "--out", str(tmp_path / "hf")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    ours, _ = load_model(runs / "mixtral")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(x), theirs(x).logits, **TOL)
+
+
+@pytest.mark.parametrize("run,out,message", [
+    ("gelu", "new", "model.moe_every=2: Mixtral has an MoE MLP in every block"),
+    ("mixtral", "existing", "exists; export into a new directory"),
+    ("missing", "new", "does not exist"),
+])
+def test_tedmoe_export_refuses_in_one_line_and_writes_nothing(runs, tmp_path, capsys, run, out, message):
+    from tedmoe.cli import main
+
+    (tmp_path / "existing").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["export", str(runs / run), "--out", str(tmp_path / out)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("tedmoe: error: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
