@@ -171,10 +171,10 @@ def _export(args) -> int:
 
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} exists; export into a new directory (nothing is overwritten)")
-    model, _ = load_model(args.ckpt)
+    model, tokenizer = load_model(args.ckpt)
     mixtral.check_expressible(model.config)  # before the weights are gathered and written
-    out = hf.save(model.state_dict(), model.config, args.out)
-    print(f"wrote {out} (Mixtral layout: transformers.AutoModelForCausalLM.from_pretrained loads it)")
+    out = hf.save(model.state_dict(), model.config, args.out, tokenizer)
+    print(f"wrote {out} (Mixtral layout: transformers' AutoModelForCausalLM and AutoTokenizer load it)")
     return 0
 
 

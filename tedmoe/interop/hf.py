@@ -59,9 +59,31 @@ def load(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, mixtral.from_hf(read_tensors(path, set(mixtral.to_hf_shapes(cfg))), cfg)
 
 
-def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> Path:
-    """Write a full tedmoe state dict as a Hugging Face directory ``out``, through a temporary
-    directory and a rename; refuses an ``out`` that exists (nothing is overwritten)."""
+def byte_level_unicode() -> list[str]:
+    """The printable character that byte-level BPE writes for each byte 0..255 (printable Latin-1
+    bytes stand for themselves, the others for code points from 256 on, in byte order)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def tokenizer_json(tokenizer) -> str:
+    """A ``tokenizers`` JSON that gives the same ids as tedmoe's ``tokenizer``: the BPE one as it
+    is; the byte one as a byte-level BPE with the 256 byte symbols (byte b is id b) and no merges."""
+    if tokenizer.kind == "bpe":
+        return tokenizer.tok.to_str()
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(byte_level_unicode())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok.to_str()
+
+
+def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer=None) -> Path:
+    """Write a full tedmoe state dict (and ``tokenizer``, if given) as a Hugging Face directory
+    ``out``, through a temporary directory and a rename; refuses an ``out`` that exists (nothing
+    is overwritten)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -75,6 +97,10 @@ def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> P
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
+        if tokenizer is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json(tokenizer))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}, indent=2) + "\n")
         os.rename(tmp, out)
     except BaseException:
         for f in tmp.iterdir():

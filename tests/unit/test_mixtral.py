@@ -134,8 +134,10 @@ def test_tedmoe_export_writes_what_transformers_loads(runs, tmp_path, capsys):
 
     assert main(["export", str(runs / "mixtral"), "--out", str(tmp_path / "hf")]) == 0
     assert "wrote" in capsys.readouterr().out
-    ours, _ = load_model(runs / "mixtral")
+    ours, tokenizer = load_model(runs / "mixtral")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    text = "def main():\n    return 0"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == tokenizer.encode(text)
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(x), theirs(x).logits, **TOL)
@@ -155,3 +157,23 @@ def test_tedmoe_export_refuses_in_one_line_and_writes_nothing(runs, tmp_path, ca
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("tedmoe: error: ") and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+TEXTS = ["def f(x):\n    return x  # héllo, wörld ✓", "  leading spaces\tand tabs\n\n", "日本語 and emoji 🎉"]
+
+
+def test_exported_tokenizers_give_tedmoe_ids_in_transformers(tmp_path):
+    from tedmoe.data.tokenizer import BPETokenizer, ByteTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(TEXTS * 20))
+    cfg = ModelConfig(vocab_size=320, hidden_size=16, num_layers=1, num_heads=2, max_seq_len=8, moe_every=1,
+                      moe=MoEConfig(ffn_hidden_size=16, num_experts=2, top_k=1, activation="swiglu"))
+    state = GPTMoE(cfg, Topology.single()).state_dict()
+    for name, tok in (("byte", ByteTokenizer()), ("bpe", BPETokenizer.train([str(corpus)], 300))):
+        out = hf.save(state, cfg, tmp_path / name, tok)
+        theirs = transformers.AutoTokenizer.from_pretrained(out)
+        for text in TEXTS:
+            ids = tok.encode(text)
+            assert theirs.encode(text, add_special_tokens=False) == ids, (name, text)
+            assert theirs.decode(ids) == text, (name, text)
