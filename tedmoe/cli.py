@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
-    g.add_argument("--ckpt", required=True, help="a checkpoint, or a run directory (its latest checkpoint)")
+    g.add_argument("--ckpt", required=True, help="a checkpoint, a run directory (its latest checkpoint) or a "
+                   "Hugging Face directory in the Mixtral layout")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=200)
     g.add_argument("--temperature", type=POSITIVE, default=0.8)

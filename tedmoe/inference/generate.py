@@ -32,7 +32,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint at {path}")
 
 
+def is_hf_directory(path: str | Path) -> bool:
+    """A Hugging Face model directory (its config.json names a ``model_type``; a run directory's
+    config.json is tedmoe's own)."""
+    import json
+
+    p = Path(path) / "config.json"
+    try:
+        return p.is_file() and "model_type" in json.loads(p.read_text())
+    except (ValueError, OSError):
+        return False
+
+
 def load_model(path: str | Path) -> tuple[GPTMoE, object]:
+    """A run, a checkpoint or a Hugging Face directory (Mixtral layout) as a one-process model in
+    eval mode, and its tokenizer."""
+    if is_hf_directory(path):
+        from tedmoe.interop import hf
+
+        if not (Path(path) / "tokenizer.json").is_file():
+            raise ValueError(f"{path} has no tokenizer.json; generation needs the model's tokenizer "
+                             "(tedmoe export writes one)")
+        cfg, state = hf.load(path)
+        model = GPTMoE(cfg, Topology.single())
+        model.load_state_dict(state)
+        return model.eval(), load_tokenizer(path)
     ckpt = resolve_checkpoint(path)
     cfg = from_dict(read_meta(ckpt)["config"])
     model = GPTMoE(cfg.model, Topology.single())

@@ -177,3 +177,32 @@ def test_exported_tokenizers_give_tedmoe_ids_in_transformers(tmp_path):
             ids = tok.encode(text)
             assert theirs.encode(text, add_special_tokens=False) == ids, (name, text)
             assert theirs.decode(ids) == text, (name, text)
+
+
+def test_greedy_generation_equals_transformers_token_for_token(tmp_path):
+    from tedmoe.inference.generate import generate
+
+    model, path = hf_model(tmp_path, seed=4)
+    cfg, state = hf.load(path)
+    ours = GPTMoE(cfg, Topology.single()).eval()
+    ours.load_state_dict(state)
+    prompt = [5, 17, 42, 8]
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
+                            eos_token_id=None)[0].tolist()
+    assert generate(ours, prompt, 32, greedy=True) == theirs
+    assert len(set(theirs[4:])) > 3  # not one token repeated
+
+
+def test_tedmoe_generate_reads_a_hugging_face_directory(runs, tmp_path, capsys):
+    from tedmoe.cli import main
+
+    assert main(["export", str(runs / "mixtral"), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    args = ["--prompt", "def ", "--greedy", "--max-new-tokens", "8"]
+    assert main(["generate", "--ckpt", str(tmp_path / "hf"), *args]) == 0
+    from_hf = capsys.readouterr().out
+    assert main(["generate", "--ckpt", str(runs / "mixtral"), *args]) == 0
+    assert capsys.readouterr().out == from_hf and from_hf.startswith("def ")
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    assert main(["generate", "--ckpt", str(tmp_path / "hf"), *args]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
