@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(the old run is moved aside to RUN.old-N, never deleted)")
     t.add_argument("--accept-changes", action="store_true", help="with --resume: continue although the data, "
                    "batch size, schedule or optimizer settings differ from the checkpoint's")
+    t.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face model directory (Mixtral "
+                   "layout): its architecture and weights, this run's data, routing and optimizer settings")
     t.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -118,7 +120,13 @@ def _train(args, argv: list[str]) -> int:
     from tedmoe.runtime.trainer import _finished_message, check_before_launch, train
 
     overrides = args.overrides + ([f"out_dir={args.out!r}".replace("'", '"')] if args.out else [])
+    if args.init_from:
+        overrides = overrides + [f"init_from={args.init_from!r}".replace("'", '"')]
     cfg = load_run_config(args.config, args.preset, overrides)
+    if cfg.init_from is not None:
+        from tedmoe.interop import hf
+
+        hf.apply_init_from(cfg)  # the model's architecture comes from the directory
     if args.print_config:
         print(dump_run_config(cfg), end="")
         return 0

@@ -264,6 +264,9 @@ class RunConfig:
     """Show a progress bar on rank 0."""
     export: bool = True
     """At the end, write the full model as ``model.safetensors`` + ``model_config.json``."""
+    init_from: str | None = None
+    """A Hugging Face model directory (Mixtral layout) whose weights start the run; its
+    architecture replaces ``[model]``'s (the routing options used in training stay this config's)."""
     stop_after: PosInt | None = None
     """End this invocation after this step, with a checkpoint (for time-limited jobs: a later
     ``--resume`` continues; the schedule still follows ``train.max_steps``)."""

@@ -30,26 +30,100 @@ def read_config(path: str | Path) -> ModelConfig:
     return mixtral.model_config(hf)
 
 
+def weight_map(path: str | Path) -> dict[str, str]:
+    """Tensor name -> the safetensors file in ``path`` that holds it."""
+    from safetensors import safe_open
+
+    root = Path(path)
+    if (root / INDEX).is_file():
+        try:
+            return json.loads((root / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{root / INDEX} is not a safetensors index ({err})") from None
+    if (root / "model.safetensors").is_file():
+        with safe_open(str(root / "model.safetensors"), "pt") as f:
+            return dict.fromkeys(f.keys(), "model.safetensors")
+    raise ValueError(f"{path} has neither model.safetensors nor {INDEX}")
+
+
+def load_into(model, path: str | Path) -> None:
+    """Load a Mixtral directory into ``model`` (a ``GPTMoE`` built for any TP x EP x DP x SP
+    layout): each rank reads only its slices, straight from the files (its TP share of every
+    weight and its local experts); shapes are checked against the model's config first, so a
+    mismatch changes nothing."""
+    from safetensors import safe_open
+
+    from tedmoe.parallel.sharding import is_expert, tp_dim
+
+    cfg, root, topology = model.config, Path(path), model.topology
+    where = weight_map(root)
+    wanted = mixtral.to_hf_shapes(cfg)
+    missing = sorted(set(wanted) - set(where))
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}")
+    files = {}
+    for shard in sorted(set(where[n] for n in wanted)):
+        if not (root / shard).is_file():
+            raise ValueError(f"{path}: shard {shard} named by {INDEX} is missing")
+        files[shard] = safe_open(str(root / shard), "pt")
+    for name, shape in wanted.items():
+        got = tuple(files[where[name]].get_slice(name).get_shape())
+        if got != shape:
+            raise ValueError(f"tensor {name} has shape {got} but the config needs {shape}")
+    tp, ep = topology.axis("tp"), topology.axis("ep")
+
+    def read(name: str, dim: int | None) -> torch.Tensor:  # this TP rank's share along ``dim``
+        piece = files[where[name]].get_slice(name)
+        if dim is None or tp.size == 1:
+            return piece[:]
+        n = wanted[name][dim] // tp.size
+        index = [slice(None)] * len(wanted[name])
+        index[dim] = slice(tp.rank * n, (tp.rank + 1) * n)
+        return piece[tuple(index)]
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_expert(p):  # blocks.N.mlp.experts.wK: this rank's experts, each sliced over tp
+                layer, w = name.split(".")[1], name.rsplit(".", 1)[1]
+                first = ep.rank * p.shape[0]
+                p.copy_(torch.stack([read(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight",
+                                          0 if w in ("w1", "w3") else 1).t()
+                                     for e in range(first, first + p.shape[0])]))
+            else:
+                p.copy_(read(mixtral.hf_name(name), tp_dim(p)))
+
+
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                "max_seq_len", "rope_theta", "norm_eps", "moe_every")
+MOE_ARCHITECTURE = ("ffn_hidden_size", "num_experts", "top_k", "normalize_gates", "activation")
+
+
+def apply_init_from(cfg) -> None:
+    """With ``cfg.init_from`` set, take the model's architecture from that directory (the
+    training-time routing options, capacity and loss weights stay ``cfg``'s). Idempotent."""
+    if cfg.init_from is None:
+        return
+    arch = read_config(cfg.init_from)
+    for name in ARCHITECTURE:
+        setattr(cfg.model, name, getattr(arch, name))
+    for name in MOE_ARCHITECTURE:
+        setattr(cfg.model.moe, name, getattr(arch.moe, name))
+
+
 def read_tensors(path: str | Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a directory's safetensors file(s), all or only ``names`` (each shard is
     opened lazily, so only the asked-for tensors are read)."""
     from safetensors import safe_open
 
     root = Path(path)
-    if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-    elif (root / "model.safetensors").is_file():
-        with safe_open(str(root / "model.safetensors"), "pt") as f:
-            weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-    else:
-        raise ValueError(f"{path} has neither model.safetensors nor {INDEX}")
-    wanted = sorted(weight_map if names is None else names & set(weight_map))
+    where = weight_map(root)
+    wanted = sorted(where if names is None else names & set(where))
     out: dict[str, torch.Tensor] = {}
-    for shard in sorted({weight_map[n] for n in wanted}):
+    for shard in sorted({where[n] for n in wanted}):
         if not (root / shard).is_file():
             raise ValueError(f"{path}: shard {shard} named by {INDEX} is missing")
         with safe_open(str(root / shard), "pt") as f:
-            out.update({n: f.get_tensor(n) for n in wanted if weight_map[n] == shard})
+            out.update({n: f.get_tensor(n) for n in wanted if where[n] == shard})
     return out
 
 

@@ -125,6 +125,15 @@ def from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, tor
     return state
 
 
+def hf_name(ours: str) -> str:
+    """Mixtral's name of one of our non-expert parameters (``blocks.3.attn.q.weight`` ->
+    ``model.layers.3.self_attn.q_proj.weight``)."""
+    if ours in TOP_NAMES:
+        return TOP_NAMES[ours]
+    _, index, rest = ours.split(".", 2)
+    return f"model.layers.{index}.{BLOCK_NAMES[rest]}"
+
+
 def to_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every Mixtral tensor name of ``cfg`` and its shape."""
     H, V, F, E = cfg.hidden_size, cfg.vocab_size, cfg.moe.ffn_hidden_size, cfg.moe.num_experts

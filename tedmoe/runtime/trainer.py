@@ -189,6 +189,10 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, accept_
     rank 0 checks everything and claims it here (a torchrun or SLURM launch)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
+    if cfg.init_from is not None:
+        from tedmoe.interop import hf
+
+        hf.apply_init_from(cfg)
     cfg.validate(world)
     out = Path(cfg.out_dir)
     lock = None
@@ -223,6 +227,10 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
     train_ds, val_ds = TokenDataset(path, "train", verify=False), TokenDataset(path, "val", verify=False)
     model = GPTMoE(cfg.model, topo)
     model.init_weights(cfg.seed)
+    if cfg.init_from is not None and found is None:
+        from tedmoe.interop import hf
+
+        hf.load_into(model, cfg.init_from)  # each rank reads its own slices
     apply_checkpointing(model, cfg.train.checkpointing)
     engine = Engine(model, topo, cfg.train)
     sampler = BatchSampler(train_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)

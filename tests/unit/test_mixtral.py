@@ -206,3 +206,28 @@ def test_tedmoe_generate_reads_a_hugging_face_directory(runs, tmp_path, capsys):
     (tmp_path / "hf" / "tokenizer.json").unlink()
     assert main(["generate", "--ckpt", str(tmp_path / "hf"), *args]) == 2
     assert "has no tokenizer.json" in capsys.readouterr().err
+
+
+def test_train_init_from_starts_from_the_checkpoint(tmp_path, capsys):
+    """``tedmoe train --init-from DIR``: the architecture comes from the directory (the tiny
+    preset's differs) and the weights too: after one step at a negligible learning rate the
+    exported model still gives transformers' logits."""
+    from tedmoe.cli import main
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=256, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                                        num_attention_heads=6, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
+    model = transformers.MixtralForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--init-from", str(tmp_path / "base"), "--out", str(out),
+                 "--set", "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.lr=1e-12",
+                 "--set", "model.moe.dropless=true"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert tuned.config.hidden_size == 48 and tuned.config.num_local_experts == 4
+    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x).logits, model(x).logits, **TOL)
