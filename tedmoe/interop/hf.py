@@ -154,10 +154,27 @@ def tokenizer_json(tokenizer) -> str:
     return tok.to_str()
 
 
-def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer=None) -> Path:
+def shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in name order, cut into groups of at most ``max_shard_bytes`` (a tensor larger
+    than that is a group of its own)."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = tensors[name]
+        size += nbytes
+    return groups
+
+
+def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer=None,
+         max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write a full tedmoe state dict (and ``tokenizer``, if given) as a Hugging Face directory
     ``out``, through a temporary directory and a rename; refuses an ``out`` that exists (nothing
-    is overwritten)."""
+    is overwritten). Weights above ``max_shard_bytes`` go to ``model-0000k-of-0000n.safetensors``
+    files with an index, as transformers writes them."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -168,7 +185,17 @@ def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, toke
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        groups = shards(tensors, max_shard_bytes)
+        if len(groups) == 1:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            names = [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+            for name, group in zip(names, groups):
+                save_file(group, str(tmp / name), metadata={"format": "pt"})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {t: name for name, group in zip(names, groups) for t in group}}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
         if tokenizer is not None:

@@ -231,3 +231,21 @@ def test_train_init_from_starts_from_the_checkpoint(tmp_path, capsys):
     x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         torch.testing.assert_close(tuned(x).logits, model(x).logits, **TOL)
+
+
+def test_a_large_export_is_sharded_with_an_index_that_both_sides_read(tmp_path):
+    model, path = hf_model(tmp_path)
+    cfg, state = hf.load(path)
+    out = hf.save(state, cfg, tmp_path / "sharded", max_shard_bytes=40_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not (out / "model.safetensors").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids()).logits, model(ids()).logits, **TOL)
+    cfg2, state2 = hf.load(out)
+    assert cfg2 == cfg and all(torch.equal(state2[k], state[k]) for k in state)
+    (out / files[1]).unlink()
+    with pytest.raises(ValueError, match=f"shard {files[1]} named by model.safetensors.index.json is missing"):
+        hf.load(out)
