@@ -302,18 +302,26 @@ def check_batch(global_batch_size: int, micro_batch_size: int, dp: int,
 
 def preset(name: str) -> RunConfig:
     """Named starting points: ``default`` (what ``tedmoe train`` runs: 4 CPU ranks, a few
-    minutes), ``tiny`` (seconds; tests) and ``small`` (a longer CPU run)."""
+    minutes), ``tiny`` (seconds; tests) and ``small`` (a longer CPU run) are Mixtral-style models
+    (SwiGLU experts in every block, so ``tedmoe export`` hands them to transformers); ``paper`` is
+    the default's size with the paper's GPT-MoE block (GELU experts every other block, dense GELU
+    MLPs between)."""
     if name == "default":
-        moe = MoEConfig(ffn_hidden_size=256, num_experts=4, top_k=2, capacity_factor=1.25)
+        moe = MoEConfig(ffn_hidden_size=192, num_experts=4, top_k=2, capacity_factor=1.25, activation="swiglu")
         return RunConfig(model=ModelConfig(vocab_size=256, hidden_size=128, num_layers=4, num_heads=4,
-                                           ffn_hidden_size=512, max_seq_len=128, moe=moe),
+                                           ffn_hidden_size=512, max_seq_len=128, moe_every=1, moe=moe),
                          train=TrainConfig(lr=3e-3, warmup_steps=20, max_steps=300, tile_size=1 << 16),
                          parallel=ParallelConfig(tp=2, ep=2, nproc=4), seq_len=128, global_batch_size=16,
                          micro_batch_size=4, eval_every=100, checkpoint_every=150)
+    if name == "paper":
+        cfg = preset("default")
+        cfg.model.moe_every = 2
+        cfg.model.moe = MoEConfig(ffn_hidden_size=256, num_experts=4, top_k=2, capacity_factor=1.25)
+        return cfg
     if name == "tiny":
-        moe = MoEConfig(ffn_hidden_size=64, num_experts=4, top_k=2, capacity_factor=1.25)
+        moe = MoEConfig(ffn_hidden_size=64, num_experts=4, top_k=2, capacity_factor=1.25, activation="swiglu")
         return RunConfig(model=ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=4,
-                                           ffn_hidden_size=64, max_seq_len=32, moe=moe),
+                                           ffn_hidden_size=64, max_seq_len=32, moe_every=1, moe=moe),
                          train=TrainConfig(lr=3e-3, warmup_steps=2, max_steps=6, tile_size=1 << 12),
                          parallel=ParallelConfig(tp=1, ep=1, nproc=1), seq_len=32, global_batch_size=8,
                          micro_batch_size=2, eval_every=3, eval_batches=2, checkpoint_every=3,
@@ -322,7 +330,7 @@ def preset(name: str) -> RunConfig:
         cfg = preset("default")
         cfg.model.num_layers, cfg.model.moe.num_experts, cfg.train.max_steps = 6, 8, 2000
         return cfg
-    raise ValueError(f"unknown preset {name!r}; presets are default, tiny, small")
+    raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
 
 
-PRESETS = ("default", "tiny", "small")
+PRESETS = ("default", "tiny", "small", "paper")

@@ -58,7 +58,7 @@ def test_train_writes_metrics_checkpoints_and_export(run_a):
                 "comm_bytes"):
         assert key in rows[-1], key
     assert {"all_to_all", "all_reduce", "all_gather", "reduce_scatter"} <= set(rows[-1]["comm_bytes"])
-    assert len(rows[-1]["tokens_per_expert"]) == 1 and len(rows[-1]["tokens_per_expert"][0]) == 4
+    assert len(rows[-1]["tokens_per_expert"]) == 2 and len(rows[-1]["tokens_per_expert"][0]) == 4  # 2 MoE blocks
     assert "val_loss" in rows[2] and "val_loss" in rows[5]
     assert rows[-1]["loss"] < rows[0]["loss"]
     ckpts = run_a / "checkpoints"

@@ -112,8 +112,9 @@ def test_bad_directories_are_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two tiny trained runs (one process): one Mixtral-expressible, one with the paper's GELU
-    experts every other block."""
+    """Two tiny trained runs (one process): the tiny preset (Mixtral-expressible; dropless here so
+    that transformers computes the same tokens) and one with the paper's GELU experts every other
+    block."""
     import os
 
     from tedmoe.config import load_run_config
@@ -121,8 +122,8 @@ def runs(tmp_path_factory):
 
     os.environ["TEDMOE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     root = tmp_path_factory.mktemp("runs")
-    mixtral_like = ["model.moe_every=1", 'model.moe.activation="swiglu"', "model.moe.dropless=true"]
-    for name, extra in (("mixtral", mixtral_like), ("gelu", [])):
+    paper = ["model.moe_every=2", 'model.moe.activation="gelu"']
+    for name, extra in (("mixtral", ["model.moe.dropless=true"]), ("gelu", paper)):
         train(load_run_config(None, "tiny", ["train.max_steps=2", "export=false", f'out_dir="{root / name}"', *extra]))
     yield root
     os.environ.pop("TEDMOE_CACHE")
@@ -249,3 +250,14 @@ def test_a_large_export_is_sharded_with_an_index_that_both_sides_read(tmp_path):
     (out / files[1]).unlink()
     with pytest.raises(ValueError, match=f"shard {files[1]} named by model.safetensors.index.json is missing"):
         hf.load(out)
+
+
+def test_the_presets_export_to_mixtral_and_the_paper_preset_keeps_its_block():
+    from tedmoe.config import preset
+
+    for name in ("default", "tiny", "small"):
+        mixtral.check_expressible(preset(name).model)
+    paper = preset("paper").model
+    assert (paper.moe_every, paper.moe.activation) == (2, "gelu")
+    with pytest.raises(ValueError, match="model.moe_every=2"):
+        mixtral.check_expressible(paper)
