@@ -1,6 +1,8 @@
 """Hugging Face model directories: ``config.json``, ``generation_config.json`` and the weights as
-``model.safetensors`` or shards with ``model.safetensors.index.json``. Reads and writes full
-(single-process) state dicts; the architecture's names and shapes live in ``mixtral.py``.
+``model.safetensors`` or shards with ``model.safetensors.index.json``. ``load`` and ``save`` move
+full (single-process) state dicts; ``load_into`` fills a model of any layout, each rank reading only
+its slices. The architecture's names and shapes live in ``mixtral.py``; tokenizers are written as
+``tokenizers`` JSON that ``AutoTokenizer`` loads.
 """
 
 from __future__ import annotations
