@@ -175,13 +175,13 @@ def _generate(args) -> int:
 def _export(args) -> int:
     from pathlib import Path
 
-    from tedmoe.inference.generate import load_model
+    from tedmoe.inference.generate import load_model, model_config_of
     from tedmoe.interop import hf, mixtral
 
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} exists; export into a new directory (nothing is overwritten)")
+    mixtral.check_expressible(model_config_of(args.ckpt))  # before any weight is read
     model, tokenizer = load_model(args.ckpt)
-    mixtral.check_expressible(model.config)  # before the weights are gathered and written
     out = hf.save(model.state_dict(), model.config, args.out, tokenizer)
     print(f"wrote {out} (Mixtral layout: transformers' AutoModelForCausalLM and AutoTokenizer load it)")
     return 0

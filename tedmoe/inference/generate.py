@@ -19,7 +19,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"--ckpt {path} does not exist; pass a run directory or a checkpoint directory")
+        raise CheckpointError(f"{path} does not exist; pass a run directory or a checkpoint directory")
     if is_dataset(p):
         raise CheckpointError(f"{path} is a prepared dataset, not a checkpoint; pass a run directory "
                               "(e.g. runs/default) or one of its checkpoints/step_* directories")
@@ -42,6 +42,15 @@ def is_hf_directory(path: str | Path) -> bool:
         return p.is_file() and "model_type" in json.loads(p.read_text())
     except (ValueError, OSError):
         return False
+
+
+def model_config_of(path: str | Path):
+    """The ``ModelConfig`` of a run, a checkpoint or a Hugging Face directory, without its weights."""
+    if is_hf_directory(path):
+        from tedmoe.interop import hf
+
+        return hf.read_config(path)
+    return from_dict(read_meta(resolve_checkpoint(path))["config"]).model
 
 
 def load_model(path: str | Path) -> tuple[GPTMoE, object]:

@@ -7,6 +7,7 @@ its slices. The architecture's names and shapes live in ``mixtral.py``; tokenize
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -51,48 +52,58 @@ def weight_map(path: str | Path) -> dict[str, str]:
 def load_into(model, path: str | Path) -> None:
     """Load a Mixtral directory into ``model`` (a ``GPTMoE`` built for any TP x EP x DP x SP
     layout): each rank reads only its slices, straight from the files (its TP share of every
-    weight and its local experts); shapes are checked against the model's config first, so a
-    mismatch changes nothing."""
-    from safetensors import safe_open
-
+    weight and its local experts); names and shapes are checked first, so a mismatch changes
+    nothing."""
     from tedmoe.parallel.sharding import is_expert, tp_dim
 
-    cfg, root, topology = model.config, Path(path), model.topology
-    where = weight_map(root)
-    wanted = mixtral.to_hf_shapes(cfg)
-    missing = sorted(set(wanted) - set(where))
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}")
-    files = {}
-    for shard in sorted(set(where[n] for n in wanted)):
+    wanted = mixtral.to_hf_shapes(model.config)
+    tp, ep = model.topology.axis("tp"), model.topology.axis("ep")
+    with contextlib.ExitStack() as stack:
+        files = _open_checked(path, model.config, stack)
+
+        def read(name: str, dim: int | None) -> torch.Tensor:  # this TP rank's share along ``dim``
+            piece = files[name].get_slice(name)
+            if dim is None or tp.size == 1:
+                return piece[:]
+            n = wanted[name][dim] // tp.size
+            index = [slice(None)] * len(wanted[name])
+            index[dim] = slice(tp.rank * n, (tp.rank + 1) * n)
+            return piece[tuple(index)]
+
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if is_expert(p):  # blocks.N.mlp.experts.wK: this rank's experts, each sliced over tp
+                    layer, w = name.split(".")[1], name.rsplit(".", 1)[1]
+                    first = ep.rank * p.shape[0]
+                    p.copy_(torch.stack([read(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight",
+                                              0 if w in ("w1", "w3") else 1).t()
+                                         for e in range(first, first + p.shape[0])]))
+                else:
+                    p.copy_(read(mixtral.hf_name(name), tp_dim(p)))
+
+
+def check_weights(path: str | Path, cfg: ModelConfig) -> None:
+    """``ValueError`` unless ``path`` holds every tensor ``cfg`` needs, in its shape (reads only
+    the files' headers)."""
+    with contextlib.ExitStack() as stack:
+        _open_checked(path, cfg, stack)
+
+
+def _open_checked(path: str | Path, cfg: ModelConfig, stack: contextlib.ExitStack) -> dict:
+    """Tensor name -> the open safetensors file holding it, for the tensors ``cfg`` needs, after
+    checking their names and shapes from the files' headers; the files close with ``stack``."""
+    from safetensors import safe_open
+
+    root, where = Path(path), weight_map(path)
+    present = [n for n in mixtral.to_hf_shapes(cfg) if n in where]
+    handles = {}
+    for shard in sorted({where[n] for n in present}):
         if not (root / shard).is_file():
             raise ValueError(f"{path}: shard {shard} named by {INDEX} is missing")
-        files[shard] = safe_open(str(root / shard), "pt")
-    for name, shape in wanted.items():
-        got = tuple(files[where[name]].get_slice(name).get_shape())
-        if got != shape:
-            raise ValueError(f"tensor {name} has shape {got} but the config needs {shape}")
-    tp, ep = topology.axis("tp"), topology.axis("ep")
-
-    def read(name: str, dim: int | None) -> torch.Tensor:  # this TP rank's share along ``dim``
-        piece = files[where[name]].get_slice(name)
-        if dim is None or tp.size == 1:
-            return piece[:]
-        n = wanted[name][dim] // tp.size
-        index = [slice(None)] * len(wanted[name])
-        index[dim] = slice(tp.rank * n, (tp.rank + 1) * n)
-        return piece[tuple(index)]
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_expert(p):  # blocks.N.mlp.experts.wK: this rank's experts, each sliced over tp
-                layer, w = name.split(".")[1], name.rsplit(".", 1)[1]
-                first = ep.rank * p.shape[0]
-                p.copy_(torch.stack([read(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight",
-                                          0 if w in ("w1", "w3") else 1).t()
-                                     for e in range(first, first + p.shape[0])]))
-            else:
-                p.copy_(read(mixtral.hf_name(name), tp_dim(p)))
+        handles[shard] = stack.enter_context(safe_open(str(root / shard), "pt"))
+    files = {n: handles[where[n]] for n in present}
+    mixtral.check_shapes({n: tuple(f.get_slice(n).get_shape()) for n, f in files.items()}, cfg)
+    return files
 
 
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -110,29 +121,15 @@ def apply_init_from(cfg) -> None:
         setattr(cfg.model, name, getattr(arch, name))
     for name in MOE_ARCHITECTURE:
         setattr(cfg.model.moe, name, getattr(arch.moe, name))
-
-
-def read_tensors(path: str | Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a directory's safetensors file(s), all or only ``names`` (each shard is
-    opened lazily, so only the asked-for tensors are read)."""
-    from safetensors import safe_open
-
-    root = Path(path)
-    where = weight_map(root)
-    wanted = sorted(where if names is None else names & set(where))
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted({where[n] for n in wanted}):
-        if not (root / shard).is_file():
-            raise ValueError(f"{path}: shard {shard} named by {INDEX} is missing")
-        with safe_open(str(root / shard), "pt") as f:
-            out.update({n: f.get_tensor(n) for n in wanted if where[n] == shard})
-    return out
+    check_weights(cfg.init_from, cfg.model)  # before any process starts or anything is written
 
 
 def load(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A Hugging Face directory as a tedmoe config and full state dict."""
     cfg = read_config(path)
-    return cfg, mixtral.from_hf(read_tensors(path, set(mixtral.to_hf_shapes(cfg))), cfg)
+    with contextlib.ExitStack() as stack:
+        tensors = {name: f.get_tensor(name) for name, f in _open_checked(path, cfg, stack).items()}
+    return cfg, mixtral.from_hf(tensors, cfg)
 
 
 def byte_level_unicode() -> list[str]:

@@ -105,16 +105,22 @@ def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
     return out
 
 
-def from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Mixtral's tensors as a full tedmoe state dict; ``ValueError`` naming a missing or
-    misshapen tensor."""
+def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
+    """``ValueError`` naming a tensor that ``cfg`` needs and ``shapes`` (name -> shape, as stored)
+    lacks or has in another shape."""
     wanted = to_hf_shapes(cfg)
-    missing = sorted(set(wanted) - set(tensors))
+    missing = sorted(set(wanted) - set(shapes))
     if missing:
         raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) the config needs, e.g. {missing[0]}")
     for name, shape in wanted.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)} but the config needs {shape}")
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(shapes[name])} but the config needs {shape}")
+
+
+def from_hf(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Mixtral's tensors as a full tedmoe state dict; ``ValueError`` naming a missing or
+    misshapen tensor."""
+    check_shapes({name: tuple(t.shape) for name, t in tensors.items()}, cfg)
     state = {ours: tensors[hf] for ours, hf in TOP_NAMES.items()}
     for i in range(cfg.num_layers):
         state.update({f"blocks.{i}.{ours}": tensors[f"model.layers.{i}.{hf}"] for ours, hf in BLOCK_NAMES.items()})

@@ -172,6 +172,44 @@ def test_bad_arguments(capsys, args, message):
     _one_line(code, err, message)
 
 
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """Hugging Face directories that ``--init-from`` must refuse, each for one reason."""
+    from tedmoe.config import ModelConfig, MoEConfig
+    from tedmoe.interop import hf
+    from tedmoe.model.transformer import GPTMoE
+    from tedmoe.parallel.topology import Topology
+
+    root = tmp_path_factory.mktemp("hf")
+    for name, vocab in (("good", 256), ("small_vocab", 64)):
+        cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=32, moe_every=1,
+                          moe=MoEConfig(ffn_hidden_size=32, num_experts=4, activation="swiglu"))
+        hf.save(GPTMoE(cfg, Topology.single()).state_dict(), cfg, root / name)
+    config = json.loads((root / "good" / "config.json").read_text())
+    for name, change in (("llama", {"model_type": "llama"}), ("wider", {"intermediate_size": 48}),
+                         ("deeper", {"num_hidden_layers": 3})):
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes((root / "good" / "model.safetensors").read_bytes())
+        (root / name / "config.json").write_text(json.dumps({**config, **change}))
+    (root / "no_weights").mkdir()
+    (root / "no_weights" / "config.json").write_text(json.dumps(config))
+    return root
+
+
+@pytest.mark.parametrize("name,message", [
+    ("missing", "missing has no config.json; pass a Hugging Face model directory"),
+    ("llama", "config.json has model_type='llama'; this reader takes 'mixtral'"),
+    ("no_weights", "has neither model.safetensors nor model.safetensors.index.json"),
+    ("wider", "block_sparse_moe.experts.0.w1.weight has shape (32, 32) but the config needs (48, 32)"),
+    ("deeper", "the checkpoint lacks 19 tensor(s) the config needs, e.g. model.layers.2.block_sparse_moe"),
+    ("small_vocab", "the data's tokenizer has 256 tokens but model.vocab_size=64"),
+])
+def test_bad_init_from_directories(capsys, tmp_path, hf_dirs, name, message):
+    code, err = run(capsys, "--init-from", hf_dirs / name, "--out", tmp_path / "out")
+    _one_line(code, err, message)
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_dir_and_cache_that_are_files(capsys, tmp_path, monkeypatch):
     (tmp_path / "f").write_text("mine")
     _one_line(*run(capsys, "--out", tmp_path / "f"), "out_dir " + str(tmp_path / "f") + " is a file")
