@@ -38,7 +38,6 @@ class DispatchPlan:
     sent_SK: torch.Tensor  # 1.0 for the pairs sent, 0.0 for the others
     token_R: torch.Tensor  # token each send-buffer row copies (0 for empty rows)
     empty_R: torch.Tensor  # the rows no pair fills (zeros on the way out, ignored on the way back)
-    filled_R: torch.Tensor  # the other rows
     pair_R: torch.Tensor  # flat (token * K + choice) pair index of each row (0 for empty rows)
     send_splits: list[int]
     recv_splits: list[int]
@@ -87,11 +86,13 @@ class _WeightedSum(torch.autograd.Function):
     def backward(ctx, grad_SH):
         y_RH, gate_R = ctx.saved_tensors
         plan = ctx.plan
-        S, K = plan.row_SK.shape
         g_RH = grad_SH.index_select(0, plan.token_R)  # each row's token's gradient
-        grad_gate = grad_SH.new_zeros(S * K)
-        grad_gate[plan.pair_R[plan.filled_R]] = (g_RH * y_RH).sum(1)[plan.filled_R]
-        return g_RH.mul_(gate_R.unsqueeze(1)), grad_gate.view(S, K).to(ctx.gate_dtype), None
+        if y_RH.shape[0] == 0:
+            grad_gate = plan.sent_SK.new_zeros(plan.row_SK.shape)
+        else:  # each sent pair's dot product, gathered from its row (unsent pairs: 0)
+            dot_R = (g_RH * y_RH).sum(1)
+            grad_gate = dot_R.index_select(0, plan.row_SK.reshape(-1)).view_as(plan.sent_SK) * plan.sent_SK
+        return g_RH.mul_(gate_R.unsqueeze(1)), grad_gate.to(ctx.gate_dtype), None
 
 
 class TEDDispatcher:
@@ -152,9 +153,9 @@ class TEDDispatcher:
         pairs = sent_P.nonzero().squeeze(1)
         pair_R = torch.full((sum(send_splits),), -1, dtype=torch.long, device=x_SH.device)
         pair_R[row_P[pairs]] = pairs
-        empty_R, filled_R = (pair_R < 0).nonzero().squeeze(1), (pair_R >= 0).nonzero().squeeze(1)
+        empty_R = (pair_R < 0).nonzero().squeeze(1)
         pair_R.clamp_(min=0)
-        plan = DispatchPlan(row_P.view(S, K), sent_P.view(S, K).float(), pair_R // K, empty_R, filled_R, pair_R,
+        plan = DispatchPlan(row_P.view(S, K), sent_P.view(S, K).float(), pair_R // K, empty_R, pair_R,
                             send_splits, recv_splits, None)
         send = _GatherTokens.apply(x_in, plan)
         recv = comm.all_to_all_autograd(send, ep, send_splits, recv_splits)
