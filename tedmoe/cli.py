@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a checkpoint")
     g.add_argument("--ckpt", required=True, help="a checkpoint, a run directory (its latest checkpoint) or a "
-                   "Hugging Face directory in the Mixtral layout")
+                   "Hugging Face directory (Mixtral or Qwen3-MoE)")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=POSITIVE_INT, default=200)
     g.add_argument("--temperature", type=POSITIVE, default=0.8)
@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--seed", type=NONNEG_INT, default=0)
 
-    ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (Mixtral layout)")
+    ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (Mixtral, or "
+                        "Qwen3-MoE for models with model.qk_norm)")
     ex.add_argument("ckpt", help="a run directory (its latest checkpoint) or a checkpoint directory")
     ex.add_argument("--format", choices=("hf",), default="hf", help="hf: config.json + safetensors for transformers")
     ex.add_argument("--out", required=True, help="a new directory (an existing one is refused)")
@@ -89,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     prep = dsub.add_parser("prepare", help="tokenize text files into a memory-mapped train/val split")
     prep.add_argument("inputs", nargs="+", help="files or directories (*.txt, *.md, *.py)")
     prep.add_argument("--out", required=True, help="output directory")
-    prep.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte")
+    prep.add_argument("--tokenizer", default="byte", metavar="{byte,bpe,DIR}",
+                      help="byte, bpe (trained on the inputs), or a Hugging Face model or tokenizer directory "
+                      "holding tokenizer.json (its ids, e.g. for train --init-from DIR)")
     prep.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (> 256)")
     prep.add_argument("--val-fraction", type=float, default=0.05, help="share held out for validation, in (0, 1)")
 
@@ -166,9 +169,11 @@ def _generate(args) -> int:
     from tedmoe.inference.generate import generate, load_model
 
     model, tok = load_model(args.ckpt)
+    bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # a directory's tokenizer: as its documents
     ids = tok.encode(args.prompt)
-    out = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.greedy, args.seed)
-    print(tok.decode(out))
+    out = generate(model, bos + ids if ids else ids, args.max_new_tokens, args.temperature, args.top_k, args.greedy,
+                   args.seed)
+    print(tok.decode(out[len(bos):] if ids else out))
     return 0
 
 
@@ -176,14 +181,14 @@ def _export(args) -> int:
     from pathlib import Path
 
     from tedmoe.inference.generate import load_model, model_config_of
-    from tedmoe.interop import hf, mixtral
+    from tedmoe.interop import families, hf
 
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} exists; export into a new directory (nothing is overwritten)")
-    mixtral.check_expressible(model_config_of(args.ckpt))  # before any weight is read
+    family = families.family_of(model_config_of(args.ckpt))  # refuses before any weight is read
     model, tokenizer = load_model(args.ckpt)
     out = hf.save(model.state_dict(), model.config, args.out, tokenizer)
-    print(f"wrote {out} (Mixtral layout: transformers' AutoModelForCausalLM and AutoTokenizer load it)")
+    print(f"wrote {out} ({family.name} layout: transformers' AutoModelForCausalLM and AutoTokenizer load it)")
     return 0
 
 

@@ -87,6 +87,12 @@ class ModelConfig:
     """Attention heads; split over ``tp``."""
     num_kv_heads: PosInt | None = None
     """Key/value heads for grouped-query attention; ``None`` means ``num_heads``."""
+    head_dim: PosInt | None = None
+    """Width D of each attention head; ``None`` means ``hidden_size / num_heads`` (Qwen3-MoE sets
+    its own, so ``num_heads x head_dim`` may differ from ``hidden_size``)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's query and key (learned weight of size ``head_dim``, shared by the
+    heads) before the rotary embedding, as Qwen3 does."""
     ffn_hidden_size: PosInt = 256
     """Hidden width of the dense MLP blocks."""
     max_seq_len: PosInt = 256
@@ -108,14 +114,20 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 
+    @property
+    def head_size(self) -> int:
+        """Width D of each attention head."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
     def is_moe_layer(self, index: int) -> bool:
         return self.moe_every > 0 and (index + 1) % self.moe_every == 0
 
     def validate(self, tp: int = 1, ep: int = 1, sp: int = 1) -> None:
         """Raise ``ValueError`` for a setting that cannot work with these degrees."""
         check_fields(self, "model.")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                             "change one of them or set model.head_dim")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
         for name, value in (("num_heads", self.num_heads), ("num_kv_heads", self.kv_heads),
@@ -130,8 +142,8 @@ class ModelConfig:
         if kv % sp and sp % kv:
             raise ValueError(f"num_kv_heads / tp = {kv} kv heads per TP rank and sp={sp}: one must divide the other "
                              "(kv heads are replicated up to sp)")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"head dim {self.hidden_size // self.num_heads} must be even for rotary embeddings")
+        if self.head_size % 2:
+            raise ValueError(f"head dim {self.head_size} must be even for rotary embeddings")
         if any(self.is_moe_layer(i) for i in range(self.num_layers)):
             self.moe.validate(tp, ep)
 

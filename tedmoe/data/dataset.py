@@ -2,8 +2,9 @@
 draws deterministic, resumable batches from them.
 
 A prepared directory holds ``train.bin`` and ``val.bin`` (little-endian uint16 or uint32
-tokens), ``tokenizer.json`` and ``meta.json`` (format marker, counts, dtype and a checksum of each
-file), and nothing else: ``prepare`` replaces only directories of exactly that shape.
+tokens), ``tokenizer.json`` (with ``tokenizer_config.json`` for a model directory's tokenizer) and
+``meta.json`` (format marker, counts, dtype and a checksum of each file), and nothing else:
+``prepare`` replaces only directories of exactly that shape.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tedmoe.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from tedmoe.data.tokenizer import CONFIG_FILE, BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
 from tedmoe.fileio import sha256_file
 
 
@@ -40,13 +41,13 @@ def embedded_corpus_files(max_bytes: int) -> list[str]:
     return files
 
 
-DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")
+DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", CONFIG_FILE, "meta.json")
 FORMAT = "tedmoe-tokens"
 _OLD_META_KEYS = {"tokenizer", "vocab_size", "dtype", "train", "val"}
 
 
 def is_dataset(directory: Path) -> bool:
-    """Whether ``directory`` is a dataset ``prepare`` wrote: nothing but its four files, and a
+    """Whether ``directory`` is a dataset ``prepare`` wrote: nothing but its files, and a
     ``meta.json`` that parses (marked with ``FORMAT``, or with the keys of older datasets)."""
     try:
         entries = list(directory.iterdir())
@@ -56,6 +57,20 @@ def is_dataset(directory: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and (meta.get("format") == FORMAT or _OLD_META_KEYS <= meta.keys())
+
+
+def _directory_tokenizer(name: str) -> HFTokenizer:
+    """``--tokenizer DIR``: the ``tokenizer.json`` of a Hugging Face model or tokenizer directory."""
+    d = Path(name)
+    if not d.is_dir():
+        what = "is a file, not a directory" if d.exists() else "does not exist"
+        raise ValueError(f"unknown tokenizer {name!r}; use 'byte' or 'bpe', or a directory with tokenizer.json "
+                         f"(--tokenizer {name} {what})")
+    if not (d / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer {name} has no tokenizer.json: only the fast tokenizer.json format is read; "
+                         "convert a sentencepiece tokenizer.model with transformers, e.g. "
+                         "AutoTokenizer.from_pretrained(DIR).save_pretrained(NEW_DIR), and pass NEW_DIR")
+    return HFTokenizer.load(d)
 
 
 def _text_files(inputs: list[str]) -> list[Path]:
@@ -114,10 +129,12 @@ def _split(tok, files: list[Path], val_fraction: float) -> tuple[np.ndarray, np.
 
 
 def _write(tmp: Path, tok, train: np.ndarray, val: np.ndarray, num_files: int) -> None:
-    """The four dataset files, written into the fresh directory ``tmp``."""
+    """The dataset files, written into the fresh directory ``tmp``."""
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     meta = {"format": FORMAT, "tokenizer": tok.kind, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "files": num_files}
+    if tok.kind == "hf":  # for information only: the dataset holds the tokenizer itself
+        meta["tokenizer_source"] = str(tok.source)
     for split, ids in (("train", train), ("val", val)):
         ids.astype(dtype).tofile(tmp / f"{split}.bin")
         meta[split] = {"tokens": len(ids), "sha256": sha256_file(tmp / f"{split}.bin")}
@@ -153,17 +170,25 @@ def prepare(inputs: list[str], out_dir: str | Path, tokenizer: str = "byte", bpe
     """Tokenize text files (directories are searched for ``*.txt``, ``*.md``, ``*.py``) into
     ``out_dir``. The last ``val_fraction`` of each file's tokens goes to validation.
 
+    ``tokenizer`` is ``"byte"``, ``"bpe"`` (trained on the inputs, ``bpe_vocab_size`` tokens) or
+    the path of a Hugging Face model or tokenizer directory holding ``tokenizer.json``, whose ids
+    are used as they are (each file one document, between its BOS and EOS tokens).
+
     ``out_dir`` must be new, empty, or a dataset this function wrote earlier (replaced whole, or
     left as it was if anything fails); it may not overlap the inputs."""
-    if tokenizer not in ("byte", "bpe"):
-        raise ValueError(f"unknown tokenizer {tokenizer!r}; use 'byte' or 'bpe'")
+    hf = None if tokenizer in ("byte", "bpe") else _directory_tokenizer(tokenizer)
     if not (math.isfinite(val_fraction) and 0 < val_fraction < 1):
         raise ValueError(f"--val-fraction {val_fraction} must be a finite number strictly between 0 and 1 "
                          "(e.g. 0.05)")
     files = _text_files(inputs)
     out = Path(out_dir).resolve()
     _check_out(out, inputs, files)
-    tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer.train([str(f) for f in files], bpe_vocab_size)
+    if hf is not None:
+        tok = hf
+    elif tokenizer == "byte":
+        tok = ByteTokenizer()
+    else:
+        tok = BPETokenizer.train([str(f) for f in files], bpe_vocab_size)
     train, val = _split(tok, files, val_fraction)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")

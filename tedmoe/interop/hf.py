@@ -1,7 +1,7 @@
 """Hugging Face model directories: ``config.json``, ``generation_config.json`` and the weights as
 ``model.safetensors`` or shards with ``model.safetensors.index.json``. ``load`` and ``save`` move
 full (single-process) state dicts; ``load_into`` fills a model of any layout, each rank reading only
-its slices. The architecture's names and shapes live in ``mixtral.py``; tokenizers are written as
+its slices. The families' names and shapes live in ``families.py``; tokenizers are written as
 ``tokenizers`` JSON that ``AutoTokenizer`` loads.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tedmoe.config import ModelConfig
-from tedmoe.interop import mixtral
+from tedmoe.interop import families
 
 INDEX = "model.safetensors.index.json"
 
@@ -30,7 +30,7 @@ def read_config(path: str | Path) -> ModelConfig:
         hf = json.loads(p.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{p} is not valid JSON: {err}") from None
-    return mixtral.model_config(hf)
+    return families.model_config(hf)
 
 
 def weight_map(path: str | Path) -> dict[str, str]:
@@ -50,13 +50,13 @@ def weight_map(path: str | Path) -> dict[str, str]:
 
 
 def load_into(model, path: str | Path) -> None:
-    """Load a Mixtral directory into ``model`` (a ``GPTMoE`` built for any TP x EP x DP x SP
+    """Load a Mixtral or Qwen3-MoE directory into ``model`` (a ``GPTMoE`` built for any TP x EP x DP x SP
     layout): each rank reads only its slices, straight from the files (its TP share of every
     weight and its local experts); names and shapes are checked first, so a mismatch changes
     nothing."""
     from tedmoe.parallel.sharding import is_expert, tp_dim
 
-    wanted = mixtral.to_hf_shapes(model.config)
+    wanted, family = families.to_hf_shapes(model.config), families.family_of(model.config)
     tp, ep = model.topology.axis("tp"), model.topology.axis("ep")
     with contextlib.ExitStack() as stack:
         files = _open_checked(path, model.config, stack)
@@ -75,11 +75,10 @@ def load_into(model, path: str | Path) -> None:
                 if is_expert(p):  # blocks.N.mlp.experts.wK: this rank's experts, each sliced over tp
                     layer, w = name.split(".")[1], name.rsplit(".", 1)[1]
                     first = ep.rank * p.shape[0]
-                    p.copy_(torch.stack([read(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight",
-                                              0 if w in ("w1", "w3") else 1).t()
+                    p.copy_(torch.stack([read(family.expert_name(layer, e, w), 0 if w in ("w1", "w3") else 1).t()
                                          for e in range(first, first + p.shape[0])]))
                 else:
-                    p.copy_(read(mixtral.hf_name(name), tp_dim(p)))
+                    p.copy_(read(families.hf_name(name, model.config), tp_dim(p)))
 
 
 def check_weights(path: str | Path, cfg: ModelConfig) -> None:
@@ -95,19 +94,19 @@ def _open_checked(path: str | Path, cfg: ModelConfig, stack: contextlib.ExitStac
     from safetensors import safe_open
 
     root, where = Path(path), weight_map(path)
-    present = [n for n in mixtral.to_hf_shapes(cfg) if n in where]
+    present = [n for n in families.to_hf_shapes(cfg) if n in where]
     handles = {}
     for shard in sorted({where[n] for n in present}):
         if not (root / shard).is_file():
             raise ValueError(f"{path}: shard {shard} named by {INDEX} is missing")
         handles[shard] = stack.enter_context(safe_open(str(root / shard), "pt"))
     files = {n: handles[where[n]] for n in present}
-    mixtral.check_shapes({n: tuple(f.get_slice(n).get_shape()) for n, f in files.items()}, cfg)
+    families.check_shapes({n: tuple(f.get_slice(n).get_shape()) for n, f in files.items()}, cfg)
     return files
 
 
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                "max_seq_len", "rope_theta", "norm_eps", "moe_every")
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "qk_norm",
+                "ffn_hidden_size", "max_seq_len", "rope_theta", "norm_eps", "moe_every")
 MOE_ARCHITECTURE = ("ffn_hidden_size", "num_experts", "top_k", "normalize_gates", "activation")
 
 
@@ -129,7 +128,7 @@ def load(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg = read_config(path)
     with contextlib.ExitStack() as stack:
         tensors = {name: f.get_tensor(name) for name, f in _open_checked(path, cfg, stack).items()}
-    return cfg, mixtral.from_hf(tensors, cfg)
+    return cfg, families.from_hf(tensors, cfg)
 
 
 def byte_level_unicode() -> list[str]:
@@ -143,7 +142,7 @@ def byte_level_unicode() -> list[str]:
 def tokenizer_json(tokenizer) -> str:
     """A ``tokenizers`` JSON that gives the same ids as tedmoe's ``tokenizer``: the BPE one as it
     is; the byte one as a byte-level BPE with the 256 byte symbols (byte b is id b) and no merges."""
-    if tokenizer.kind == "bpe":
+    if tokenizer.kind in ("bpe", "hf"):
         return tokenizer.tok.to_str()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -179,8 +178,8 @@ def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, toke
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} exists; export into a new directory (nothing is overwritten)")
-    config = mixtral.hf_config(cfg)  # refuses before anything is written
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in mixtral.to_hf(state, cfg).items()}
+    config = families.hf_config(cfg)  # refuses before anything is written
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in families.to_hf(state, cfg).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -199,8 +198,9 @@ def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, toke
         (tmp / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=2) + "\n")
         if tokenizer is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json(tokenizer))
-            (tmp / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len}, indent=2) + "\n")
+            settings = json.loads(getattr(tokenizer, "config_text", None) or "{}")  # a directory's: bos/eos, chat
+            settings = {"tokenizer_class": "PreTrainedTokenizerFast", **settings, "model_max_length": cfg.max_seq_len}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
         os.rename(tmp, out)
     except BaseException:
         for f in tmp.iterdir():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tedmoe.config import ModelConfig
+from tedmoe.model.norm import RMSNorm
 from tedmoe.parallel import comm
 from tedmoe.parallel.ulysses import heads_to_seq, kv_replication, seq_to_heads
 from tedmoe.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -39,7 +40,7 @@ class Attention(nn.Module):
         super().__init__()
         tp, sp = topology.axis("tp"), topology.axis("sp")
         H, N, G = config.hidden_size, config.num_heads, config.kv_heads
-        self.tp, self.sp, self.head_dim = tp, sp, H // N
+        self.tp, self.sp, self.head_dim = tp, sp, config.head_size
         self.local_heads, self.local_kv_heads = N // tp.size, G // tp.size
         self.kv_repeat = kv_replication(self.local_kv_heads, sp.size)
         kw = {"device": device, "dtype": dtype, "bias": False, "copy_input": False}
@@ -47,6 +48,9 @@ class Attention(nn.Module):
         self.k = ColumnParallelLinear(H, G * self.head_dim, tp, **kw)
         self.v = ColumnParallelLinear(H, G * self.head_dim, tp, **kw)
         self.o = RowParallelLinear(N * self.head_dim, H, tp, bias=False, device=device, dtype=dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, device=device, dtype=dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, device=device, dtype=dtype)
         cos, sin = rotary_tables(self.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -56,8 +60,12 @@ class Attention(nn.Module):
         pos = self.sp.rank * t + torch.arange(t, device=x_BtH.device)  # global positions of this chunk
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
         x = comm.copy_to_region(x_BtH, self.tp)
-        q = apply_rotary(self.q(x).view(B, t, self.local_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k(x).view(B, t, self.local_kv_heads, self.head_dim), cos, sin)
+        q = self.q(x).view(B, t, self.local_heads, self.head_dim)
+        k = self.k(x).view(B, t, self.local_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # each rank normalises its own heads: the weights' gradients sum over tp
+            q = self.q_norm(q, comm.copy_to_region(self.q_norm.weight, self.tp))
+            k = self.k_norm(k, comm.copy_to_region(self.k_norm.weight, self.tp))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = self.v(x).view(B, t, self.local_kv_heads, self.head_dim)
         if self.kv_repeat > 1:
             k, v = k.repeat_interleave(self.kv_repeat, dim=2), v.repeat_interleave(self.kv_repeat, dim=2)

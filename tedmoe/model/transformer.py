@@ -14,24 +14,14 @@ from torch import nn
 
 from tedmoe.config import ModelConfig
 from tedmoe.model.attention import Attention
+from tedmoe.model.norm import RMSNorm
 from tedmoe.moe.layer import MoE
 from tedmoe.moe.noise import TokenContext
 from tedmoe.parallel import comm
-from tedmoe.parallel.sharding import init_layout_invariant, is_expert, mark
+from tedmoe.parallel.sharding import init_layout_invariant, is_expert
 from tedmoe.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                              vocab_parallel_cross_entropy)
 from tedmoe.parallel.topology import Topology
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-        mark(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):

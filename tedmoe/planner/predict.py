@@ -49,12 +49,13 @@ def param_counts(model: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, int]
     """Per-rank parameter counts: ``non_expert`` and ``expert`` local elements, and the full
     ``total`` / ``expert_total`` (the layers of ``tedmoe.model``, counted without building them)."""
     H, V, F, L = model.hidden_size, model.vocab_size, model.ffn_hidden_size, model.num_layers
-    D = H // model.num_heads
+    D = model.head_size
     attn = H * model.num_heads * D + 2 * H * model.kv_heads * D + model.num_heads * D * H  # q, k, v, o
     moe = model.moe
     experts = moe.num_experts * H * moe.ffn_hidden_size * (3 if moe.activation == "swiglu" else 2)
     n_moe = sum(model.is_moe_layer(i) for i in range(L))
     replicated = 2 * H * L + H + n_moe * moe.num_experts * H + (L - n_moe) * H  # norms, router, fc2 bias
+    replicated += 2 * D * L if model.qk_norm else 0
     sharded = 2 * V * H + L * attn + (L - n_moe) * (2 * H * F + F)
     return {"non_expert": sharded // tp + replicated, "expert": n_moe * experts // (tp * ep),
             "total": sharded + replicated + n_moe * experts, "expert_total": n_moe * experts}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch.distributed as dist
 from tedmoe.config import RunConfig
 from tedmoe.fileio import write_atomic
 from tedmoe.data.dataset import BatchSampler, TokenDataset, embedded_corpus_files, prepare
+from tedmoe.data.tokenizer import copy_tokenizer
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel import comm, launch
 from tedmoe.parallel.activation_checkpoint import apply_checkpointing
@@ -246,7 +246,7 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-        shutil.copy(path / "tokenizer.json", out / "tokenizer.json")
+        copy_tokenizer(path, out)
     writer = MetricsWriter(out / "metrics.jsonl", rank == 0, start if found else None,
                            out / "tensorboard" if cfg.tensorboard else None)
     dp, dp_rank, micro = topo.size("dp"), topo.coord("dp"), cfg.micro_batch_size
@@ -329,7 +329,7 @@ def _save(cfg: RunConfig, out: Path, step: int, model, engine: Engine, topo: Top
     saved = ckpt.save_checkpoint(out / "checkpoints", step, model, engine.optimizer, topo, meta,
                                  cfg.keep_checkpoints)
     if topo.rank == 0:
-        shutil.copy(out / "tokenizer.json", saved / "tokenizer.json")
+        copy_tokenizer(out, saved)
 
 
 def export(model, topo: Topology, cfg: RunConfig, out: Path) -> Path:

@@ -198,7 +198,7 @@ def hf_dirs(tmp_path_factory):
 
 @pytest.mark.parametrize("name,message", [
     ("missing", "missing has no config.json; pass a Hugging Face model directory"),
-    ("llama", "config.json has model_type='llama'; this reader takes 'mixtral'"),
+    ("llama", "config.json has model_type='llama'; this reader takes 'mixtral' or 'qwen3_moe'"),
     ("no_weights", "has neither model.safetensors nor model.safetensors.index.json"),
     ("wider", "block_sparse_moe.experts.0.w1.weight has shape (32, 32) but the config needs (48, 32)"),
     ("deeper", "the checkpoint lacks 19 tensor(s) the config needs, e.g. model.layers.2.block_sparse_moe"),

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tedmoe.config import ModelConfig, MoEConfig
-from tedmoe.interop import hf, mixtral
+from tedmoe.interop import families, hf
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology
 
@@ -98,7 +98,7 @@ def test_bad_directories_are_named(tmp_path):
         hf.load(tmp_path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type='llama'; this reader takes 'mixtral'"):
+    with pytest.raises(ValueError, match="model_type='llama'; this reader takes 'mixtral' or 'qwen3_moe'"):
         hf.load(path)
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 44}))
     with pytest.raises(ValueError, match=r"block_sparse_moe.experts.0.w1.weight has shape \(40, 48\) but the config "
@@ -107,7 +107,7 @@ def test_bad_directories_are_named(tmp_path):
     (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match="lacks .* tensor"):
         hf.load(path)
-    assert mixtral.to_hf_shapes(hf.read_config(path))["lm_head.weight"] == (80, 48)
+    assert families.to_hf_shapes(hf.read_config(path))["lm_head.weight"] == (80, 48)
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +256,8 @@ def test_the_presets_export_to_mixtral_and_the_paper_preset_keeps_its_block():
     from tedmoe.config import preset
 
     for name in ("default", "tiny", "small"):
-        mixtral.check_expressible(preset(name).model)
+        families.check_expressible(preset(name).model)
     paper = preset("paper").model
     assert (paper.moe_every, paper.moe.activation) == (2, "gelu")
     with pytest.raises(ValueError, match="model.moe_every=2"):
-        mixtral.check_expressible(paper)
+        families.check_expressible(paper)
