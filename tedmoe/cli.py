@@ -75,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=POSITIVE_INT, default=40, help="sample among the k most likely tokens")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--seed", type=NONNEG_INT, default=0)
+    g.add_argument("--nproc", type=POSITIVE_INT, default=1, help="ranks to serve the model on (TP x EP from "
+                   "--set parallel.tp=.. --set parallel.ep=..); ignored under torchrun")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="parallel.KEY=VALUE",
+                   help="the serving layout: parallel.tp, parallel.ep, parallel.backend, parallel.timeout_s")
+    g.add_argument("--kv-memory-gib", type=POSITIVE, default=0.25, help="KV cache per rank, allocated once "
+                   "(default: %(default)s)")
+    g.add_argument("--block-size", type=POSITIVE_INT, default=16, help="tokens per KV cache block")
+    g.add_argument("--routing", choices=("dropless", "training"), default="dropless", help="dropless: every "
+                   "routed token computed (default); training: the capacity the model was trained with")
 
     ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (Mixtral, or "
                         "Qwen3-MoE for models with model.qk_norm)")
@@ -165,16 +174,57 @@ def _train(args, argv: list[str]) -> int:
         lock.release()
 
 
-def _generate(args) -> int:
-    from tedmoe.inference.generate import generate, load_model
+def _serving_layout(overrides: list[str]):
+    """The ``parallel`` settings of ``generate``'s ``--set`` options (nothing else is taken)."""
+    from tedmoe.config import ParallelConfig, apply_values
+    from tedmoe.config.loader import parse_override
 
-    model, tok = load_model(args.ckpt)
-    bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # a directory's tokenizer: as its documents
-    ids = tok.encode(args.prompt)
-    out = generate(model, bos + ids if ids else ids, args.max_new_tokens, args.temperature, args.top_k, args.greedy,
-                   args.seed)
-    print(tok.decode(out[len(bos):] if ids else out))
-    return 0
+    par = ParallelConfig()
+    for item in overrides:
+        if not item.startswith("parallel."):
+            raise ValueError(f"--set {item}: generate takes only parallel.* settings (tp, ep, backend, timeout_s); "
+                             "the model's settings come from the checkpoint")
+        apply_values(par, parse_override(item)["parallel"], "parallel.")
+    if par.sp != 1:
+        raise ValueError(f"parallel.sp={par.sp}: generation runs TP x EP layouts; leave parallel.sp=1")
+    par.check_backend()
+    return par
+
+
+def _generate(args, argv: list[str]) -> int:
+    from tedmoe.inference.engine import InferenceEngine
+    from tedmoe.inference.generate import generate_batch, load_model, model_config_of, sampling_params
+    from tedmoe.parallel.topology import ParallelDims, Topology
+
+    par = _serving_layout(args.overrides)
+    params = sampling_params(args.temperature, args.top_k, args.greedy)
+    world = int(os.environ["WORLD_SIZE"]) if launch.launched() else args.nproc
+    ParallelDims(world, par.tp, par.ep)  # a layout that does not fit the ranks is refused here
+    model_config_of(args.ckpt).validate(par.tp, par.ep)  # before any rank starts
+    if world > 1 and not launch.launched():
+        return launch.relaunch(world, argv)
+    if world > 1:
+        launch.init_distributed(par.backend, par.timeout_s)
+    try:
+        topo = Topology(world, tp=par.tp, ep=par.ep, timeout_s=par.timeout_s) if world > 1 else Topology.single()
+        model, tok = load_model(args.ckpt, topo, routing=args.routing, device=topo.device)
+        engine = InferenceEngine(model, block_size=args.block_size, kv_bytes=int(args.kv_memory_gib * 2**30))
+        if engine.rank != 0:
+            engine.follow()
+            return 0
+        try:
+            bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # as the documents start
+            ids = tok.encode(args.prompt)
+            if world > 1:
+                print(f"tedmoe: {world} ranks (tp={par.tp}, ep={par.ep}); KV cache {engine.capacity_tokens:,} "
+                      f"tokens per rank", file=sys.stderr)
+            out = generate_batch(engine, [bos + ids if ids else ids], args.max_new_tokens, params, args.seed)[0]
+        finally:
+            engine.stop()
+        print(tok.decode(out[len(bos):] if ids else out))
+        return 0
+    finally:
+        launch.shutdown_distributed()
 
 
 def _export(args) -> int:
@@ -253,7 +303,7 @@ def _run(args, argv: list[str]) -> int:
     if args.command == "train":
         return _train(args, argv)
     if args.command == "generate":
-        return _generate(args)
+        return _generate(args, argv)
     if args.command == "plan":
         return _plan(args)
     if args.command == "export":

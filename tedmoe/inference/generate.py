@@ -1,4 +1,6 @@
-"""Text generation from a checkpoint (any layout) on one process: greedy, top-k, temperature."""
+"""Loading a model for inference (any saved layout into any serving layout) and generating text:
+on the engine (KV cache, batched, across ranks), or by recomputing the whole context per token
+(the reference)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import torch
 
 from tedmoe.config import from_dict
 from tedmoe.data.tokenizer import load_tokenizer
+from tedmoe.inference.engine import InferenceEngine, inference_config
+from tedmoe.inference.sampling import SamplingParams, sample
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime.checkpoint import CheckpointError, latest_checkpoint, load_model_weights, read_meta
@@ -53,48 +57,83 @@ def model_config_of(path: str | Path):
     return from_dict(read_meta(resolve_checkpoint(path))["config"]).model
 
 
-def load_model(path: str | Path) -> tuple[GPTMoE, object]:
-    """A run, a checkpoint or a Hugging Face directory (Mixtral layout) as a one-process model in
-    eval mode, and its tokenizer."""
+def load_model(path: str | Path, topology: Topology | None = None, routing: str | None = None,
+               device=None) -> tuple[GPTMoE, object]:
+    """A run, a checkpoint or a Hugging Face directory as a model in eval mode (one process, or
+    this rank's shards of ``topology``, each rank reading only its slices), and its tokenizer.
+    ``routing``: ``None`` keeps the trained config; ``dropless`` / ``training`` as
+    ``inference_config``."""
+    topology = topology or Topology.single()
     if is_hf_directory(path):
         from tedmoe.interop import hf
 
         if not (Path(path) / "tokenizer.json").is_file():
             raise ValueError(f"{path} has no tokenizer.json; generation needs the model's tokenizer "
                              "(tedmoe export writes one)")
-        cfg, state = hf.load(path)
-        model = GPTMoE(cfg, Topology.single())
-        model.load_state_dict(state)
+        cfg = hf.read_config(path)
+        model = GPTMoE(cfg if routing is None else inference_config(cfg, routing), topology, device=device)
+        hf.load_into(model, path)
         return model.eval(), load_tokenizer(path)
     ckpt = resolve_checkpoint(path)
-    cfg = from_dict(read_meta(ckpt)["config"])
-    model = GPTMoE(cfg.model, Topology.single())
-    load_model_weights(ckpt, model, Topology.single())
-    model.eval()
-    return model, load_tokenizer(ckpt)
+    cfg = from_dict(read_meta(ckpt)["config"]).model
+    model = GPTMoE(cfg if routing is None else inference_config(cfg, routing), topology, device=device)
+    load_model_weights(ckpt, model, topology)
+    return model.eval(), load_tokenizer(ckpt)
+
+
+def check_prompt(ids: list[int], vocab_size: int) -> None:
+    if not ids:
+        raise ValueError("the prompt is empty; give at least one character with --prompt (the model continues it)")
+    if any(not 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"the prompt has token ids outside the model's vocabulary of {vocab_size}")
+
+
+def sampling_params(temperature: float, top_k: int | None, greedy: bool) -> SamplingParams:
+    if temperature <= 0 and not greedy:
+        raise ValueError(f"temperature={temperature} must be > 0 (or use --greedy)")
+    return SamplingParams(temperature=0.0 if greedy else temperature, top_k=top_k or 0)
 
 
 @torch.no_grad()
 def generate(model: GPTMoE, ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              greedy: bool = False, seed: int = 0) -> list[int]:
-    """Append ``max_new_tokens`` tokens to ``ids`` (the context is cropped to ``max_seq_len``)."""
-    if not ids:
-        raise ValueError("the prompt is empty; give at least one character with --prompt (the model continues it)")
-    if any(not 0 <= i < model.config.vocab_size for i in ids):
-        raise ValueError(f"the prompt has token ids outside the model's vocabulary of {model.config.vocab_size}")
-    if temperature <= 0 and not greedy:
-        raise ValueError(f"temperature={temperature} must be > 0 (or use --greedy)")
+    """Append ``max_new_tokens`` tokens to ``ids`` by running the whole context again for every
+    token (the context is cropped to ``max_seq_len``): the reference the engine is held to."""
+    check_prompt(ids, model.config.vocab_size)
+    params = sampling_params(temperature, top_k, greedy)
     g = torch.Generator().manual_seed(seed)
     out = list(ids)
     for _ in range(max_new_tokens):
         context = torch.tensor([out[-model.config.max_seq_len:]])
-        logits = model.logits(context)[0, -1].float()
-        if greedy:
-            out.append(int(logits.argmax()))
-            continue
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.numel():
-            kth = torch.topk(logits, top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        out.append(int(torch.multinomial(logits.softmax(-1), 1, generator=g)))
+        out.append(sample(model.logits(context)[0, -1], params, g))
+    return out
+
+
+def generate_batch(engine: InferenceEngine, prompts: list[list[int]], max_new_tokens: int,
+                   params: SamplingParams, seed: int = 0) -> list[list[int]]:
+    """Continue every prompt by ``max_new_tokens`` tokens on the engine (leader rank): one forward
+    takes all prompts, then each forward one new token of every sequence. Sequence i samples from
+    its own generator seeded ``seed + i``. A sequence stops at ``max_seq_len``."""
+    for p in prompts:
+        check_prompt(p, engine.config.vocab_size)
+    params.validate()
+    uids = list(range(len(prompts)))
+    if not engine.can_schedule(uids, [len(p) for p in prompts]):
+        raise ValueError(f"the prompts ({sum(map(len, prompts))} tokens) do not fit the KV cache of "
+                         f"{engine.capacity_tokens} tokens or the model's max_seq_len={engine.config.max_seq_len}")
+    gens = [torch.Generator().manual_seed(seed + i) for i in uids]
+    out = [list(p) for p in prompts]
+    live, chunks = uids, [list(p) for p in prompts]
+    try:
+        for _ in range(max_new_tokens):
+            logits = engine.put(live, chunks)
+            for uid, row in zip(live, logits):
+                out[uid].append(sample(row, params, gens[uid]))
+            live = [u for u in live if len(out[u]) < engine.config.max_seq_len and engine.can_schedule([u], [1])]
+            if not live:
+                break
+            chunks = [[out[u][-1]] for u in live]
+    finally:
+        for uid in uids:
+            engine.flush(uid)
     return out

@@ -55,7 +55,9 @@ class Attention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x_BtH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BtH: torch.Tensor, kv=None) -> torch.Tensor:
+        if kv is not None:
+            return self._cached(x_BtH, *kv)
         B, t, _ = x_BtH.shape
         pos = self.sp.rank * t + torch.arange(t, device=x_BtH.device)  # global positions of this chunk
         cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
@@ -73,3 +75,21 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         y = heads_to_seq(y.transpose(1, 2), self.sp)  # [B, t, local heads, D]
         return self.o(y.reshape(B, t, -1))
+
+    def _cached(self, x_1NH: torch.Tensor, batch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Inference over a ragged batch (``tedmoe.inference.kv_cache.RaggedBatch``): the N tokens of
+        every sequence's chunk in one row, their keys and values written to the cache, each query
+        attending to its sequence's cached tokens."""
+        from tedmoe.inference.kv_cache import attend
+
+        N = x_1NH.shape[1]
+        cos, sin = self.cos[batch.positions].unsqueeze(1), self.sin[batch.positions].unsqueeze(1)
+        x = comm.copy_to_region(x_1NH, self.tp)
+        q = self.q(x).view(N, self.local_heads, self.head_dim)
+        k = self.k(x).view(N, self.local_kv_heads, self.head_dim)
+        v = self.v(x).view(N, self.local_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attend(q, k, v.to(v_cache.dtype), k_cache, v_cache, batch)
+        return self.o(y.reshape(1, N, -1))

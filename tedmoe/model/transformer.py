@@ -53,8 +53,8 @@ class Block(nn.Module):
             else MLP(config, topology, **kw)
         self.stats = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, kv=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.attn_norm(x), kv)
         if not self.is_moe:
             zero = x.new_zeros((), dtype=torch.float32)
             return x + self.mlp(self.mlp_norm(x)), zero, zero
@@ -125,6 +125,17 @@ class GPTMoE(nn.Module):
         x = self.embed(ids_BT)
         for block in self.blocks:
             x = block(x)[0]
+        return comm.gather_split(self.head(self.norm(x)), self.topology.axis("tp"), -1)
+
+    @torch.no_grad()
+    def forward_cached(self, ids_N: torch.Tensor, batch, cache) -> torch.Tensor:
+        """Inference over a ragged batch with a KV cache (``tedmoe.inference``): the N tokens of
+        every sequence's chunk, flattened; returns the full-vocabulary logits ``[S, V]`` of each
+        sequence's last token (``batch.last_rows``), on every rank."""
+        x = self.embed(ids_N[None])
+        for i, block in enumerate(self.blocks):
+            x = block(x, (batch, cache.k[i], cache.v[i]))[0]
+        x = x[0, batch.last_rows]
         return comm.gather_split(self.head(self.norm(x)), self.topology.axis("tp"), -1)
 
     def moe_stats(self) -> list:

@@ -9,6 +9,7 @@ identity: nothing runs and nothing is recorded.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -46,7 +47,7 @@ def _run_collective(kind: str, axis: Axis, x: torch.Tensor, phase: str | None, *
         _reduce_scatter_flat(out, x, group=group)
     elif kind == "all_to_all":
         in_splits, out_splits = kw["in_splits"], kw["out_splits"]
-        row = x[0].numel() if x.dim() else 1
+        row = math.prod(x.shape[1:])  # elements per row (x may have no rows)
         send_numel = (x.shape[0] - in_splits[axis.rank]) * row
         out = x.new_empty((sum(out_splits),) + x.shape[1:])
         if len(set(in_splits) | set(out_splits)) == 1:  # the same rows to and from every rank: the even path

@@ -111,6 +111,31 @@ def test_plot_and_generate(env, run_a):
     assert out.stdout.startswith("def ") and len(out.stdout.rstrip("\n")) > len("def ")
 
 
+def test_generate_across_ranks_gives_the_one_process_text(env, run_a):
+    """``tedmoe generate --nproc N`` launches the engine on N ranks (the checkpoint, saved in
+    TP 2 x EP 2 x DP 2, resharded to each serving layout): the same greedy text everywhere."""
+    args = ["generate", "--ckpt", str(run_a), "--prompt", "def main(", "--max-new-tokens", "24", "--greedy"]
+    one = tedmoe(env, *args)
+    assert one.returncode == 0, one.stderr
+    for layout in (["--nproc", "2", "--set", "parallel.ep=2"], ["--nproc", "4", "--set", "parallel.tp=2",
+                                                                  "--set", "parallel.ep=2"]):
+        out = tedmoe(env, *args, *layout)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == one.stdout, layout
+        assert "KV cache" in out.stderr and "tokens per rank" in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nproc", "3", "--set", "parallel.tp=2"], "tp=2 does not divide world_size=3"),
+    (["--set", "model.hidden_size=8"], "generate takes only parallel.* settings"),
+    (["--set", "parallel.sp=2", "--nproc", "2"], "generation runs TP x EP layouts"),
+    (["--nproc", "2", "--set", "parallel.ep=3"], "ep=3"),
+])
+def test_generate_refuses_bad_layouts_before_starting_ranks(env, run_a, args, message):
+    out = tedmoe(env, "generate", "--ckpt", str(run_a), "--prompt", "x", *args)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_print_config_and_data_prepare(env, tmp_path):
     out = tedmoe(env, "train", "--preset", "tiny", "--set", "model.moe.top_k=1", "--print-config")
     assert out.returncode == 0 and "[model.moe]" in out.stdout and "top_k = 1" in out.stdout
