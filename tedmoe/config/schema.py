@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -51,6 +52,10 @@ class MoEConfig:
     """Expert MLP activation."""
     dtd: bool = True
     """Duplicate token dropping: each TP rank sends 1/TP of the dispatch buffer."""
+    residual: bool = False
+    """Residual-MoE (DeepSpeed-MoE): a dense MLP like one expert (same activation and width,
+    tensor-parallel) runs on every token beside the routed experts; a learned per-token coefficient
+    (softmax over two, from a linear layer) mixes the two outputs."""
 
     def capacity(self, num_tokens: int, training: bool = True) -> int:
         cf = self.capacity_factor if training or self.eval_capacity_factor is None else self.eval_capacity_factor
@@ -109,6 +114,9 @@ class ModelConfig:
     """Weight of the mean router z-loss in the training loss."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """The MoE layers' settings (their experts' ``ffn_hidden_size`` is their own)."""
+    expert_counts: tuple[PosInt, ...] = ()
+    """PR-MoE's pyramid: the number of experts of each MoE layer, first to last (e.g. ``[4, 4, 8,
+    8]``, more experts in the later layers); empty: ``moe.num_experts`` in every MoE layer."""
 
     @property
     def kv_heads(self) -> int:
@@ -121,6 +129,16 @@ class ModelConfig:
 
     def is_moe_layer(self, index: int) -> bool:
         return self.moe_every > 0 and (index + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def moe_for(self, index: int) -> MoEConfig:
+        """The MoE settings of block ``index`` (its pyramid level's expert count, if any)."""
+        if not self.expert_counts:
+            return self.moe
+        return dataclasses.replace(self.moe, num_experts=self.expert_counts[self.moe_layers.index(index)])
 
     def validate(self, tp: int = 1, ep: int = 1, sp: int = 1) -> None:
         """Raise ``ValueError`` for a setting that cannot work with these degrees."""
@@ -144,8 +162,18 @@ class ModelConfig:
                              "(kv heads are replicated up to sp)")
         if self.head_size % 2:
             raise ValueError(f"head dim {self.head_size} must be even for rotary embeddings")
-        if any(self.is_moe_layer(i) for i in range(self.num_layers)):
+        layers = self.moe_layers
+        if self.expert_counts and len(self.expert_counts) != len(layers):
+            raise ValueError(f"model.expert_counts has {len(self.expert_counts)} entries but the model has "
+                             f"{len(layers)} MoE layers (blocks {[i + 1 for i in layers]}); give one count per MoE "
+                             "layer, or leave it empty")
+        if not self.expert_counts and layers:
             self.moe.validate(tp, ep)
+        for j, i in enumerate(layers if self.expert_counts else []):
+            try:
+                self.moe_for(i).validate(tp, ep)
+            except ValueError as err:
+                raise ValueError(f"model.expert_counts[{j}] (block {i + 1}): {err}") from None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Type and range checks of config fields, read off the dataclasses' annotations.
 
 A field's annotation says what it accepts: ``int``, ``float``, ``bool``, ``str``, a ``Literal``
-of choices, ``X | None`` for an optional value, ``tuple[...]`` of those, a nested config
+of choices, ``X | None`` for an optional value, ``tuple[...]`` of those (``tuple[X, ...]``: any length), a nested config
 dataclass, or any of them wrapped in ``Annotated[..., Range(...)]`` for bounds. ``coerce``
 checks one value (an ``int`` is accepted for a ``float`` field and converted; a ``bool`` is
 never a number; floats must be finite); ``check_fields`` walks a whole config. Every failure is
@@ -63,6 +63,8 @@ def _describe(hint: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return "a list of values, each " + _describe(args[0])
         if len(set(args)) == 1:
             return f"a list of {len(args)} values, each " + _describe(args[0])
         return "a list of [" + ", ".join(_describe(a) for a in args) + "]"
@@ -96,6 +98,8 @@ def _coerce(value: Any, hint: Any) -> Any:
             return value
         raise _Mismatch
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # any length
+            return tuple(_coerce(v, args[0]) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _Mismatch
         return tuple(_coerce(v, a) for v, a in zip(value, args))

@@ -81,6 +81,10 @@ def family_of(cfg: ModelConfig) -> Family:
     if cfg.moe_every != 1:
         raise ValueError(f"model.moe_every={cfg.moe_every}: {family.name} has an MoE MLP in every block and this "
                          f"model has dense blocks; only models trained with model.moe_every=1 export to {layout}")
+    if cfg.expert_counts or moe.residual:
+        setting = "model.expert_counts (PR-MoE's pyramid)" if cfg.expert_counts else "model.moe.residual (Residual-MoE)"
+        raise ValueError(f"{setting}: {family.name} has the same experts in every layer and no dense branch beside "
+                         "them; serve such a model with tedmoe generate (the engine runs it)")
     if moe.activation != "swiglu":
         raise ValueError(f"model.moe.activation={moe.activation!r}: {family.name}'s experts are SwiGLU; only models "
                          f"trained with model.moe.activation='swiglu' export to {layout}")

@@ -49,7 +49,8 @@ class Block(nn.Module):
         self.attn = Attention(config, topology, **kw)
         self.mlp_norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.is_moe = config.is_moe_layer(index)
-        self.mlp = MoE(config.hidden_size, config.moe, topology, layer=index, context=context, **kw) if self.is_moe \
+        self.mlp = MoE(config.hidden_size, config.moe_for(index), topology, layer=index, context=context, **kw) \
+            if self.is_moe \
             else MLP(config, topology, **kw)
         self.stats = None
 
@@ -90,7 +91,7 @@ class GPTMoE(nn.Module):
                 return torch.ones(shape)
             if name.endswith("bias"):
                 return torch.zeros(shape)
-            std = scale if name.endswith(("o.weight", "fc2.weight", "experts.w2")) else 0.02
+            std = scale if name.endswith(("o.weight", "fc2.weight", "experts.w2", "residual.w2.weight")) else 0.02
             return torch.randn(shape, generator=g) * std
 
         init_layout_invariant(self, self.topology, seed, init_full)
@@ -145,9 +146,10 @@ class GPTMoE(nn.Module):
 
 def count_parameters(config: ModelConfig) -> dict[str, int]:
     """Parameters of the full model: total, expert, non-expert, and active per token
-    (non-expert + ``top_k / num_experts`` of the expert parameters)."""
+    (non-expert + ``top_k / E`` of each MoE layer's expert parameters, E its expert count)."""
     model = GPTMoE(config, Topology.single(), device="meta")
     expert = sum(p.numel() for p in model.parameters() if is_expert(p))
     total = sum(p.numel() for p in model.parameters())
-    active = total - expert + expert * config.moe.top_k // config.moe.num_experts
+    # each expert weight is [E_layer, ...]: a token uses top_k of its layer's E_layer experts
+    active = total - expert + sum(p.numel() * config.moe.top_k // p.shape[0] for p in model.parameters() if is_expert(p))
     return {"total": total, "expert": expert, "non_expert": total - expert, "active_per_token": active}

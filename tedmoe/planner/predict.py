@@ -52,13 +52,18 @@ def param_counts(model: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, int]
     D = model.head_size
     attn = H * model.num_heads * D + 2 * H * model.kv_heads * D + model.num_heads * D * H  # q, k, v, o
     moe = model.moe
-    experts = moe.num_experts * H * moe.ffn_hidden_size * (3 if moe.activation == "swiglu" else 2)
-    n_moe = sum(model.is_moe_layer(i) for i in range(L))
-    replicated = 2 * H * L + H + n_moe * moe.num_experts * H + (L - n_moe) * H  # norms, router, fc2 bias
+    per_expert = H * moe.ffn_hidden_size * (3 if moe.activation == "swiglu" else 2)
+    counts_E = [model.moe_for(i).num_experts for i in model.moe_layers]  # PR-MoE: per layer
+    n_moe = len(counts_E)
+    experts = sum(counts_E) * per_expert
+    replicated = 2 * H * L + H + sum(counts_E) * H + (L - n_moe) * H  # norms, routers, fc2 bias
     replicated += 2 * D * L if model.qk_norm else 0
     sharded = 2 * V * H + L * attn + (L - n_moe) * (2 * H * F + F)
-    return {"non_expert": sharded // tp + replicated, "expert": n_moe * experts // (tp * ep),
-            "total": sharded + replicated + n_moe * experts, "expert_total": n_moe * experts}
+    if moe.residual:  # Residual-MoE: a dense expert-like branch (tp-split) and the coefficient per MoE layer
+        sharded += n_moe * per_expert
+        replicated += n_moe * (2 * H + 2)
+    return {"non_expert": sharded // tp + replicated, "expert": experts // (tp * ep),
+            "total": sharded + replicated + experts, "expert_total": experts}
 
 
 def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
@@ -66,6 +71,9 @@ def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
     mode only: a dropless layer's all-to-all sizes depend on where the router sends tokens, so
     it is refused rather than guessed."""
     m, d = plan.model, plan.dims
+    if m.expert_counts or m.moe.residual:
+        raise ValueError("the planner predicts uniform MoE layers only; plan without model.expert_counts "
+                         "(PR-MoE) and model.moe.residual")
     if m.moe.dropless and any(m.is_moe_layer(i) for i in range(m.num_layers)):
         raise ValueError("the planner predicts capacity-mode MoE layers only (a dropless layer's all-to-all sizes "
                          "depend on the routing); plan with model.moe.dropless=false and capacity_factor set to the "

@@ -92,7 +92,7 @@ class Engine:
                 sums[k] = sums.get(k, 0) + v.float()
             stats = self.model.moe_stats()
             if stats:
-                step_load = torch.stack([s.tokens_per_expert for s in stats])
+                step_load = torch.cat([s.tokens_per_expert for s in stats])  # layers may differ in experts (PR-MoE)
                 step_drop = torch.stack([s.drop_fraction for s in stats])
                 load = step_load if load is None else load + step_load
                 drops = step_drop if drops is None else drops + step_drop
@@ -104,6 +104,6 @@ class Engine:
         self.poison_next_step = False
         out.update(self.optimizer.step(len(micro_batches)))
         if load is not None:
-            out["tokens_per_expert"] = load.tolist()
+            out["tokens_per_expert"] = [t.tolist() for t in load.split([len(s.tokens_per_expert) for s in stats])]
             out["drop_fraction"] = (drops / len(micro_batches)).tolist()
         return out

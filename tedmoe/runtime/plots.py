@@ -35,13 +35,13 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if "tokens_per_expert" in records[0]:
         load = np.array([np.concatenate([np.asarray(layer) / max(1, sum(layer)) for layer in r["tokens_per_expert"]])
                          for r in records])
-        layers, experts = len(records[0]["tokens_per_expert"]), len(records[0]["tokens_per_expert"][0])
+        bounds = np.cumsum([len(layer) for layer in records[0]["tokens_per_expert"]])  # experts may differ per layer
         fig, ax = plt.subplots(figsize=(7, 4))
         im = ax.imshow(load.T, aspect="auto", interpolation="nearest", cmap="viridis",
-                       extent=(steps[0] - 0.5, steps[-1] + 0.5, layers * experts - 0.5, -0.5))
+                       extent=(steps[0] - 0.5, steps[-1] + 0.5, bounds[-1] - 0.5, -0.5))
         ax.set(xlabel="step", ylabel="MoE layer x expert", title="share of each layer's tokens per expert")
-        for i in range(1, layers):
-            ax.axhline(i * experts - 0.5, color="white", linewidth=0.8)
+        for b in bounds[:-1]:
+            ax.axhline(b - 0.5, color="white", linewidth=0.8)
         fig.colorbar(im, ax=ax)
         written.append(_save(fig, out_dir / "expert_load.png"))
 

@@ -104,3 +104,17 @@ def test_dropless_models_are_refused_not_guessed():
     model.moe.dropless = True
     with pytest.raises(ValueError, match="the planner predicts capacity-mode MoE layers only"):
         step_comm(Plan(model, 32, 2, 16))
+
+
+def test_param_counts_agree_with_the_model_for_pyramids_residuals_and_qk_norms():
+    from tedmoe.config import ModelConfig, MoEConfig
+
+    for activation in ("gelu", "swiglu"):
+        cfg = ModelConfig(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, head_dim=12, qk_norm=True,
+                          moe_every=1, expert_counts=(2, 2, 4, 8),
+                          moe=MoEConfig(ffn_hidden_size=24, num_experts=4, top_k=2, residual=True,
+                                        activation=activation))
+        counts, real = param_counts(cfg), count_parameters(cfg)
+        assert (counts["total"], counts["expert_total"]) == (real["total"], real["expert"]), activation
+        per_expert = 32 * 24 * (3 if activation == "swiglu" else 2)
+        assert real["active_per_token"] == real["non_expert"] + 4 * 2 * per_expert  # top-2 in each of 4 layers
