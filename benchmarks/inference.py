@@ -2,8 +2,8 @@
 old recompute-everything ``generate`` vs Hugging Face transformers' ``generate`` (its default KV
 cache), on the same random-weight Mixtral-style model, in one run.
 
-Reproduce:  .venv/bin/python benchmarks/inference.py            (~300M parameters: V=32000, H=1024, 8 layers,
-                                                                 16 heads / 4 kv heads, 8 SwiGLU experts F=1536,
+Reproduce:  .venv/bin/python benchmarks/inference.py            (~290M parameters: V=32000, H=1024, 8 layers,
+                                                                 16 heads / 4 kv heads, 8 SwiGLU experts F=1024,
                                                                  top-2; batches 1, 8, 32; prompts of 128; 32 new)
             .venv/bin/python benchmarks/inference.py --ragged   (prompt lengths 128 +-30%; transformers gets
                                                                  left padding and an attention mask)
@@ -45,7 +45,7 @@ cache bytes per token (ours: ``engine.bytes_per_token``, and the preallocated po
 the bytes of its cache tensors after generation / the token slots they hold); the split of our
 decode time between ``model.forward_cached`` and the rest of ``put`` (Python bookkeeping of the
 block tables) + argmax; and (unless ``--no-profile``) the top operators by self CPU time in a few
-profiled decode steps of ours and of transformers at ``--profile-batch``.
+profiled decode steps of ours and of transformers at ``--profile-batches``.
 Prints tables and writes benchmarks/results/inference-<date>.json (all raw timings and medians).
 """
 
@@ -202,7 +202,7 @@ def run_hf(hf_model, prompts: list[list[int]], n: int, gen_config) -> dict:
     with torch.no_grad():
         t0 = time.perf_counter()
         res = hf_model.generate(ids, attention_mask=mask, generation_config=gen_config,
-                                stopping_criteria=StoppingCriteriaList([Stamp()]), return_dict_in_generate=True)
+                                stopping_criteria=StoppingCriteriaList([Stamp()]))
         t2 = time.perf_counter()
     seqs = res.sequences[:, ids.shape[1]:]
     assert seqs.shape[1] == n and len(stamps) == n, (seqs.shape, len(stamps))
@@ -222,11 +222,15 @@ def load_transformers(model: GPTMoE, cfg: ModelConfig, tmp: str):
         from transformers import AutoModelForCausalLM, GenerationConfig
     except Exception as err:  # noqa: BLE001 - any import failure skips the peer
         return None, None, f"{type(err).__name__}: {err}"
+    from transformers.utils import logging as hf_logging
+
     from tedmoe.interop import hf
 
+    hf_logging.disable_progress_bar()
     path = hf.save(model.state_dict(), cfg, os.path.join(tmp, "hf"))
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    gen = GenerationConfig(do_sample=False, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    gen = GenerationConfig(do_sample=False, eos_token_id=None, bos_token_id=None, pad_token_id=0,
+                           return_dict_in_generate=True)
     return hf_model, gen, None
 
 
@@ -412,11 +416,10 @@ def measure(args, cfg, counts, model, engine, hf_model, gen_base, skipped) -> in
         split[B] = {"forward_ms_per_step": fwd, "outside_forward_ms_per_step": rest}
         print(f"  B={B:>3}: {fwd:8.2f} | {rest:6.2f}  ({100 * rest / (fwd + rest):.1f}% outside the forward)")
 
-    prof = None
-    if not args.no_profile:
-        B = args.profile_batch
-        prof = profiles(args, engine, hf_model, B)
-        for name, ops in prof.items():
+    prof = {}
+    for B in [] if args.no_profile else args.profile_batches:
+        prof[str(B)] = profiles(args, engine, hf_model, B)
+        for name, ops in prof[str(B)].items():
             print(f"\n{name}: top ops by self CPU time, {args.profile_steps} profiled decode steps at B={B}")
             print(f"  {'op':<44} {'ms/step':>8} {'calls/step':>10} {'share':>6}")
             for o in ops:
@@ -512,15 +515,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-transformers", action="store_true", help="ours and recompute only")
     p.add_argument("--no-profile", action="store_true")
-    p.add_argument("--profile-batch", type=int, help="default 8 (quick 4)")
+    p.add_argument("--profile-batches", type=int, nargs="*", help="default 1 8 (quick 1 4)")
     p.add_argument("--profile-steps", type=int, default=4)
     p.add_argument("--profile-top", type=int, default=15)
     args = p.parse_args()
     defaults = dict(vocab=1000, hidden=128, layers=2, heads=4, kv_heads=2, experts=4, expert_ffn=256,
-                    batches=[1, 4], prompt_len=32, new_tokens=8, rounds=1, recompute_tokens=4, profile_batch=4) \
+                    batches=[1, 4], prompt_len=32, new_tokens=8, rounds=1, recompute_tokens=4, profile_batches=[1, 4]) \
         if args.quick else \
-        dict(vocab=32000, hidden=1024, layers=8, heads=16, kv_heads=4, experts=8, expert_ffn=1536,
-             batches=[1, 8, 32], prompt_len=128, new_tokens=32, rounds=3, recompute_tokens=8, profile_batch=8)
+        dict(vocab=32000, hidden=1024, layers=8, heads=16, kv_heads=4, experts=8, expert_ffn=1024,
+             batches=[1, 8, 32], prompt_len=128, new_tokens=32, rounds=3, recompute_tokens=8, profile_batches=[1, 8])
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

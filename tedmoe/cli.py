@@ -215,9 +215,10 @@ def _generate(args, argv: list[str]) -> int:
         try:
             bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # as the documents start
             ids = tok.encode(args.prompt)
-            if world > 1:
-                print(f"tedmoe: {world} ranks (tp={par.tp}, ep={par.ep}); KV cache {engine.capacity_tokens:,} "
-                      f"tokens per rank", file=sys.stderr)
+            where = f"{world} ranks (tp={par.tp}, ep={par.ep})" if world > 1 else "1 process"
+            print(f"tedmoe: {where}; KV cache {engine.capacity_tokens:,} tokens per rank "
+                  f"({engine.cache.nbytes / 2**20:,.1f} MiB, {engine.bytes_per_token:,} bytes per token)",
+                  file=sys.stderr)
             out = generate_batch(engine, [bos + ids if ids else ids], args.max_new_tokens, params, args.seed)[0]
         finally:
             engine.stop()
