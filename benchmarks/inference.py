@@ -460,8 +460,8 @@ def summarize(raw: dict, have_hf: bool) -> list[dict]:
                    "prompt_tok_s": median([x["prompt_tok_s"] for x in runs]),
                    "decode_tok_s": median([x["decode_tok_s"] for x in runs if x["decode_tok_s"]]),
                    "prefill_s": median([x["prefill_s"] for x in runs]),
-                   "decode_ms_per_step": median([x["decode_s"] / max(x["new_tokens"] - 1, 1) for x in runs]) * 1e3
-                   * (B if name == RECOMPUTE else 1)}
+                   "decode_ms_per_forward": median([x["decode_s"] / max(x["new_tokens"] - 1, 1) for x in runs]) * 1e3
+                   / (B if name == RECOMPUTE else 1)}
             if have_hf:  # ratios within each round, then their median
                 hf = {x["round"]: x for x in by_name[HF]}
                 row["decode_vs_transformers"] = median([x["decode_tok_s"] / hf[x["round"]]["decode_tok_s"]
@@ -476,7 +476,7 @@ def summarize(raw: dict, have_hf: bool) -> list[dict]:
 
 def print_table(args, rows: list[dict], have_hf: bool) -> None:
     print(f"\nmedians of {args.rounds} rounds; 'vs transformers' = median of the within-round ratios")
-    head = f"| {'B':>3} | {'contender':<26} | {'prompt tok/s':>12} | {'decode tok/s':>12} | {'ms/step':>8} |"
+    head = f"| {'B':>3} | {'contender':<26} | {'prompt tok/s':>12} | {'decode tok/s':>12} | {'ms/fwd':>8} |"
     if have_hf:
         head += f" {'prompt vs transformers':>22} | {'decode vs transformers':>22} |"
     print(head)
@@ -484,12 +484,11 @@ def print_table(args, rows: list[dict], have_hf: bool) -> None:
     for r in rows:
         name = r["contender"] + (f" ({r['new_tokens']} new)" if r["new_tokens"] != args.new_tokens else "")
         line = f"| {r['batch']:>3} | {name:<26} | {r['prompt_tok_s']:>12.1f} | {r['decode_tok_s'] or 0:>12.2f} | " \
-               f"{r['decode_ms_per_step']:>8.1f} |"
+               f"{r['decode_ms_per_forward']:>8.1f} |"
         if have_hf:
             line += f" {r['prompt_vs_transformers']:>22.2f} | {r['decode_vs_transformers']:>22.2f} |"
         print(line)
-    print("(ms/step: one decode forward for the whole batch; recompute runs its sequences one after the other, "
-          "so its ms/step is per token of the batch x B)")
+    print("(ms/fwd: one decode forward, for the whole batch; recompute's forwards are one sequence's whole context)")
 
 
 def parse_args() -> argparse.Namespace:

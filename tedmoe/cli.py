@@ -1,4 +1,4 @@
-"""The ``tedmoe`` command: train, generate, export, plot, data, plan, demo. Thin: the work lives in the library."""
+"""The ``tedmoe`` command: train, generate, serve, export, plot, data, plan, demo. Thin: the work lives in the library."""
 
 from __future__ import annotations
 
@@ -39,6 +39,18 @@ def _number(kind: type, low: float, strict: bool = False):
 POSITIVE_INT, NONNEG_INT, POSITIVE = _number(int, 1), _number(int, 0), _number(float, 0, strict=True)
 
 
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=POSITIVE_INT, default=1, help="ranks to run the model on (TP x EP from "
+                   "--set parallel.tp=.. --set parallel.ep=..); ignored under torchrun")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="parallel.KEY=VALUE",
+                   help="the serving layout: parallel.tp, parallel.ep, parallel.backend, parallel.timeout_s")
+    p.add_argument("--kv-memory-gib", type=POSITIVE, default=0.25, help="KV cache per rank, allocated once "
+                   "(default: %(default)s)")
+    p.add_argument("--block-size", type=POSITIVE_INT, default=16, help="tokens per KV cache block")
+    p.add_argument("--routing", choices=("dropless", "training"), default="dropless", help="dropless: every "
+                   "routed token computed (default); training: the capacity the model was trained with")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tedmoe", description="Mixture-of-Experts training with TED parallelism")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors "
@@ -75,15 +87,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=POSITIVE_INT, default=40, help="sample among the k most likely tokens")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--seed", type=NONNEG_INT, default=0)
-    g.add_argument("--nproc", type=POSITIVE_INT, default=1, help="ranks to serve the model on (TP x EP from "
-                   "--set parallel.tp=.. --set parallel.ep=..); ignored under torchrun")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="parallel.KEY=VALUE",
-                   help="the serving layout: parallel.tp, parallel.ep, parallel.backend, parallel.timeout_s")
-    g.add_argument("--kv-memory-gib", type=POSITIVE, default=0.25, help="KV cache per rank, allocated once "
-                   "(default: %(default)s)")
-    g.add_argument("--block-size", type=POSITIVE_INT, default=16, help="tokens per KV cache block")
-    g.add_argument("--routing", choices=("dropless", "training"), default="dropless", help="dropless: every "
-                   "routed token computed (default); training: the capacity the model was trained with")
+    _engine_options(g)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, models, health, "
+                        "metrics) on the engine, on one process or across ranks")
+    sv.add_argument("--ckpt", required=True, help="a run, a checkpoint or a Hugging Face directory")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=NONNEG_INT, default=8000, help="0 picks a free port (printed)")
+    sv.add_argument("--model-name", help="the model id the API reports (default: the directory's name)")
+    sv.add_argument("--policy", choices=("splitfuse", "prefill-first", "static"), default="splitfuse",
+                    help="scheduling: Dynamic SplitFuse (default), prefill-first continuous batching, static batches")
+    sv.add_argument("--token-budget", type=POSITIVE_INT, default=256, help="tokens per forward (SplitFuse)")
+    sv.add_argument("--max-seqs", type=POSITIVE_INT, default=32, help="sequences per forward")
+    _engine_options(sv)
 
     ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (Mixtral, or "
                         "Qwen3-MoE for models with model.qk_norm)")
@@ -191,18 +207,24 @@ def _serving_layout(overrides: list[str]):
     return par
 
 
-def _generate(args, argv: list[str]) -> int:
+def _on_engine(args, argv: list[str], leader, stop_is_clean: bool = False) -> int:
+    """Load ``args.ckpt`` into the serving layout (relaunching on ``--nproc`` ranks first) and
+    build the engine; rank 0 runs ``leader(engine, tokenizer, where)`` and then releases the
+    others, which follow its forwards. ``stop_is_clean``: a signal ends the work normally (serve)."""
+    import signal
+
     from tedmoe.inference.engine import InferenceEngine
-    from tedmoe.inference.generate import generate_batch, load_model, model_config_of, sampling_params
+    from tedmoe.inference.generate import load_model, model_config_of
     from tedmoe.parallel.topology import ParallelDims, Topology
 
     par = _serving_layout(args.overrides)
-    params = sampling_params(args.temperature, args.top_k, args.greedy)
     world = int(os.environ["WORLD_SIZE"]) if launch.launched() else args.nproc
     ParallelDims(world, par.tp, par.ep)  # a layout that does not fit the ranks is refused here
     model_config_of(args.ckpt).validate(par.tp, par.ep)  # before any rank starts
     if world > 1 and not launch.launched():
-        return launch.relaunch(world, argv)
+        code = launch.relaunch(world, argv)
+        # Ctrl-C / SIGTERM reach every rank: rank 0 stops the work and says so, the others follow it
+        return 0 if stop_is_clean and code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else code
     if world > 1:
         launch.init_distributed(par.backend, par.timeout_s)
     try:
@@ -210,22 +232,58 @@ def _generate(args, argv: list[str]) -> int:
         model, tok = load_model(args.ckpt, topo, routing=args.routing, device=topo.device)
         engine = InferenceEngine(model, block_size=args.block_size, kv_bytes=int(args.kv_memory_gib * 2**30))
         if engine.rank != 0:
+            for sig in (signal.SIGINT, signal.SIGTERM):  # rank 0 decides when to stop, and says so
+                signal.signal(sig, signal.SIG_IGN)
             engine.follow()
             return 0
+        where = f"{world} ranks (tp={par.tp}, ep={par.ep})" if world > 1 else "1 process"
+        where += (f"; KV cache {engine.capacity_tokens:,} tokens per rank ({engine.cache.nbytes / 2**20:,.1f} MiB, "
+                  f"{engine.bytes_per_token:,} bytes per token)")
         try:
-            bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # as the documents start
-            ids = tok.encode(args.prompt)
-            where = f"{world} ranks (tp={par.tp}, ep={par.ep})" if world > 1 else "1 process"
-            print(f"tedmoe: {where}; KV cache {engine.capacity_tokens:,} tokens per rank "
-                  f"({engine.cache.nbytes / 2**20:,.1f} MiB, {engine.bytes_per_token:,} bytes per token)",
-                  file=sys.stderr)
-            out = generate_batch(engine, [bos + ids if ids else ids], args.max_new_tokens, params, args.seed)[0]
+            return leader(engine, tok, where)
         finally:
             engine.stop()
-        print(tok.decode(out[len(bos):] if ids else out))
-        return 0
     finally:
         launch.shutdown_distributed()
+
+
+def _generate(args, argv: list[str]) -> int:
+    from tedmoe.inference.generate import generate_batch, sampling_params
+
+    params = sampling_params(args.temperature, args.top_k, args.greedy)
+
+    def leader(engine, tok, where):
+        print(f"tedmoe: {where}", file=sys.stderr)
+        bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # as the documents start
+        ids = tok.encode(args.prompt)
+        out = generate_batch(engine, [bos + ids if ids else ids], args.max_new_tokens, params, args.seed)[0]
+        print(tok.decode(out[len(bos):] if ids else out))
+        return 0
+
+    return _on_engine(args, argv, leader)
+
+
+def _serve(args, argv: list[str]) -> int:
+    from pathlib import Path
+
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "jinja2") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"tedmoe serve needs {', '.join(missing)}: pip install 'tedmoe[serve]'")
+    from tedmoe.serve.app import ServingLoop, serve_http
+
+    name = args.model_name or Path(args.ckpt).resolve().name
+
+    def leader(engine, tok, where):
+        loop = ServingLoop(engine, tok, args.policy, args.token_budget, args.max_seqs)
+        finished, cancelled = serve_http(loop, name, args.host, args.port, f"({args.policy}; {where})")
+        said = f"{finished} request(s) in flight finished, {len(cancelled)} cancelled" + \
+            (f" (ids {', '.join(map(str, cancelled))})" if cancelled else "")
+        print(f"tedmoe: server stopped; {said}", file=sys.stderr, flush=True)
+        return 0
+
+    return _on_engine(args, argv, leader, stop_is_clean=True)
 
 
 def _export(args) -> int:
@@ -305,6 +363,8 @@ def _run(args, argv: list[str]) -> int:
         return _train(args, argv)
     if args.command == "generate":
         return _generate(args, argv)
+    if args.command == "serve":
+        return _serve(args, argv)
     if args.command == "plan":
         return _plan(args)
     if args.command == "export":

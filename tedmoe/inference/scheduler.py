@@ -105,13 +105,13 @@ class Scheduler:
         request.params.validate()
         self.waiting.append(request)
 
-    def cancel(self, uid: int) -> Request | None:
-        """Stop a request wherever it is (its blocks are freed now)."""
+    def cancel(self, uid: int, reason: str = "cancelled") -> Request | None:
+        """Stop a request wherever it is (its blocks are freed now); ``None`` if it is not here."""
         for queue in (self.waiting, self.running):
             for r in list(queue):
                 if r.uid == uid:
                     queue.remove(r)
-                    self._release(r, "cancelled")
+                    self._release(r, reason)
                     return r
         return None
 

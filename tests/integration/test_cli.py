@@ -125,6 +125,40 @@ def test_generate_across_ranks_gives_the_one_process_text(env, run_a):
         assert "KV cache" in out.stderr and "tokens per rank" in out.stderr
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_serve_answers_the_openai_client_and_stops_cleanly_on_sigterm(env, run_a, nproc):
+    """``tedmoe serve`` (one process, and 2 ranks EP 2): the official client gets the greedy text
+    ``tedmoe generate`` gives; SIGTERM stops it with exit 0 and a line saying what was in flight."""
+    import signal
+    import socket
+
+    openai = pytest.importorskip("openai")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    layout = ["--nproc", "2", "--set", "parallel.ep=2"] if nproc == 2 else []
+    proc = subprocess.Popen([sys.executable, "-m", "tedmoe.cli", "serve", "--ckpt", str(run_a), "--port", str(port),
+                             *layout], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("tedmoe: serving" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, f"the server exited: {''.join(lines)}"
+            lines.append(line)
+        assert f"at http://127.0.0.1:{port}/v1" in lines[-1] and "KV cache" in lines[-1]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        text = client.completions.create(model=run_a.name, prompt="def main(", max_tokens=16,
+                                         temperature=0).choices[0].text
+        want = tedmoe(env, "generate", "--ckpt", str(run_a), "--prompt", "def main(", "--max-new-tokens", "16",
+                      "--greedy").stdout
+        assert "def main(" + text + "\n" == want
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "tedmoe: server stopped; 0 request(s) in flight finished, 0 cancelled" in err, err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--nproc", "3", "--set", "parallel.tp=2"], "tp=2 does not divide world_size=3"),
     (["--set", "model.hidden_size=8"], "generate takes only parallel.* settings"),
