@@ -1,6 +1,6 @@
 """Generation throughput on CPU: tedmoe's inference engine (blocked KV cache, ragged batches) vs the
-old recompute-everything ``generate`` vs Hugging Face transformers' ``generate`` (its default KV
-cache), on the same random-weight Mixtral-style model, in one run.
+old recompute-everything ``generate`` vs Hugging Face transformers (its default KV cache), on the
+same random-weight Mixtral-style model, in one run.
 
 Reproduce:  .venv/bin/python benchmarks/inference.py            (~290M parameters: V=32000, H=1024, 8 layers,
                                                                  16 heads / 4 kv heads, 8 SwiGLU experts F=1024,
@@ -11,42 +11,46 @@ Reproduce:  .venv/bin/python benchmarks/inference.py            (~290M parameter
 
 Single process, fp32, torch threads = the machine's cores for every contender, no gradients.
 Prompts are random token ids (the same in every round). Each contender prefills its B prompts in
-one forward and then decodes N new tokens greedily, one forward per token:
+one forward, then decodes N new tokens greedily, one forward per token (argmax of the logits):
 
 - ours: ``InferenceEngine.put`` with all prompts, then one ``put`` per step with each sequence's
-  last token (argmax on the returned logits), then ``flush``; dropless routing
-  (``inference_config``);
+  last token, then ``flush``; dropless routing (``inference_config``);
+- transformers: the same weights exported by ``tedmoe.interop.hf.save`` and loaded by
+  ``AutoModelForCausalLM.from_pretrained`` (its default attention, sdpa, and experts
+  implementation, printed), driven the way its ``generate`` drives it: a prefill forward with
+  ``use_cache=True`` (a fresh DynamicCache, generate's default), left padding, its attention mask,
+  position ids from the mask and ``logits_to_keep=1``, then one forward per token with the cache,
+  the mask grown by one; called "transformers (loop)" below. This split is our choice (of the two
+  the issue allows) because it lets the decode steps interleave with ours step by step (below).
+  ``model.generate`` itself (do_sample=False, max_new_tokens = min_new_tokens = N, no EOS, pad 0,
+  its default cache) also runs, in the first round only, timed as one unit with a time stamp from
+  a ``StoppingCriteria`` (called after every token it appends; it stops nothing): its row shows
+  what generate's own overhead adds, and its tokens are checked against the loop's and ours.
+  Skipped (one printed line) when transformers does not import;
 - recompute: ``tedmoe.inference.generate.generate(..., greedy=True)``, which runs the whole context
-  again for every token, one sequence at a time; it is slow, so it runs only at the batch sizes in
-  ``--recompute-batches`` (default 1) with ``--recompute-tokens`` new tokens (default 8): its row
-  says so;
-- transformers: ``model.generate(ids, attention_mask, generation_config)`` with do_sample=False,
-  max_new_tokens = min_new_tokens = N, no EOS, pad id 0, its default cache (DynamicCache), its
-  default attention (sdpa) and experts implementation (printed), on the weights of our model
-  exported by ``tedmoe.interop.hf.save`` and loaded by ``AutoModelForCausalLM.from_pretrained``.
-  Skipped (one printed line) when transformers does not import.
+  again for every token, one sequence at a time (a stamp after every ``model.logits``, through an
+  instance wrapper). It is slow, so it runs only at ``--recompute-batches`` (default 1) with
+  ``--recompute-tokens`` new tokens (default 8), as one unit after the others; its row says so.
 
-Prefill vs decode: every contender is timed inside one generation call by time stamps taken when
-each next token is known: ours after each ``put`` + argmax, recompute after each ``model.logits``
-(an instance wrapper), transformers by a ``StoppingCriteria`` (called by ``generate`` after every
-token it appends; it never stops anything). Prefill = start to the first token (the first forward
-over all prompts, transformers' set-up included); prompt tok/s = real prompt tokens / prefill
-(padding not counted); decode tok/s = B x (N - 1) / (first token to last token). One forward per
-token everywhere, so nothing is subtracted.
+Timing: prefill = the first forward (all prompts) + its argmax; prompt tok/s = real prompt tokens
+/ prefill (padding not counted). Decode tok/s = B x (N - 1) / the sum of the N - 1 decode steps.
+This machine's speed drifts by tens of percent between seconds (2 cores shared with other work),
+so within a round the contenders' prefills run back to back and their decode steps alternate
+step by step (ours, transformers, transformers, ours, ...; the first contender rotates from round
+to round). "vs transformers" is the median over ``--rounds`` (default 3) of the ratio within a
+round (of the sums of steps); "step pairs" is the median over every round's adjacent pairs of
+decode steps of transformers' step time / ours. Other columns are medians of the rounds. One
+untimed warm-up generation per contender comes first.
 
-Rounds: ``--rounds`` (default 3) after one untimed warm-up generation per contender; in each
-round every batch size runs every contender back to back (their order rotates from round to
-round). This machine's speed drifts by tens of percent between seconds, so "vs transformers" is
-the median over rounds of the ratio of decode tok/s (or prompt tok/s) within a round; the other
-columns are medians of the rounds.
-
-Also: greedy tokens of ours vs transformers (every sequence, first round) and vs recompute; KV
-cache bytes per token (ours: ``engine.bytes_per_token``, and the preallocated pool; transformers:
-the bytes of its cache tensors after generation / the token slots they hold); the split of our
-decode time between ``model.forward_cached`` and the rest of ``put`` (Python bookkeeping of the
-block tables) + argmax; and (unless ``--no-profile``) the top operators by self CPU time in a few
-profiled decode steps of ours and of transformers at ``--profile-batches``.
-Prints tables and writes benchmarks/results/inference-<date>.json (all raw timings and medians).
+Also: greedy tokens of ours vs transformers (loop and generate) and vs recompute, every sequence,
+first round; KV cache bytes per token (ours: ``engine.bytes_per_token``, and the preallocated
+pool; transformers: the bytes of its cache tensors after the last step / the token slots they
+hold, and / the real tokens); the split of our decode time between ``model.forward_cached`` and
+the rest of ``put`` (Python bookkeeping of the block tables) + argmax; and (unless
+``--no-profile``) the top operators by self CPU time over a few profiled decode steps of ours and
+of transformers (loop) at ``--profile-batches``. The 1-minute load average is recorded with every
+unit (other work on the machine shows there). Prints tables and writes
+benchmarks/results/inference-<date>.json (all raw timings, per step, and the medians).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import argparse
 import copy
 import dataclasses
 import importlib.metadata
+import inspect
 import os
 import statistics
 import sys
@@ -71,11 +76,19 @@ from tedmoe.parallel.topology import Topology
 
 import common
 
-OURS, RECOMPUTE, HF = "ours", "recompute", "transformers"
+OURS, HF, HF_GEN, RECOMPUTE = "ours", "transformers (loop)", "transformers generate()", "recompute"
 
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def load() -> float:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return float("nan")
 
 
 def model_config(args) -> ModelConfig:
@@ -87,7 +100,7 @@ def model_config(args) -> ModelConfig:
 
 
 def make_prompts(args, B: int, seed: int) -> list[list[int]]:
-    """B prompts of random ids (3.. V-1, clear of the usual special ids); lengths ``prompt_len``, or
+    """B prompts of random ids (3 .. V-1, clear of the usual special ids); lengths ``prompt_len``, or
     uniform in +-30% of it with ``--ragged``."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = (round(0.7 * args.prompt_len), round(1.3 * args.prompt_len)) if args.ragged else \
@@ -96,71 +109,46 @@ def make_prompts(args, B: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, args.vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-# ---- the contenders: each returns {"prefill_s", "decode_s", "tokens": [[new ids] per sequence], ...} ------
+# ---- step-wise drivers: prefill(prompts) -> state, step(state) -> state, finish(state) -> new tokens ----
 
 
-def run_ours(engine: InferenceEngine, prompts: list[list[int]], n: int) -> dict:
-    """One put with every prompt, then one put per step with each sequence's last token."""
-    model = engine.model
-    forward = model.forward_cached
-    fwd_times: list[float] = []
+class Ours:
+    """The engine through ``put``; ``forward_s`` collects the time of every ``model.forward_cached``."""
 
-    def timed_forward(*a, **kw):
-        t = time.perf_counter()
-        out = forward(*a, **kw)
-        fwd_times.append(time.perf_counter() - t)
-        return out
+    def __init__(self, engine: InferenceEngine):
+        self.engine, self.forward_s = engine, []
 
-    model.forward_cached = timed_forward  # instance attribute: times the model inside put
-    uids = list(range(len(prompts)))
-    out: list[list[int]] = [[] for _ in uids]
-    try:
-        t0 = time.perf_counter()
-        logits = engine.put(uids, prompts)
-        nxt = logits.argmax(-1).tolist()
-        t1 = time.perf_counter()
-        for _ in range(n - 1):
-            for o, t in zip(out, nxt):
-                o.append(t)
-            logits = engine.put(uids, [[t] for t in nxt])
-            nxt = logits.argmax(-1).tolist()
-        t2 = time.perf_counter()
-        for o, t in zip(out, nxt):
+    def _put(self, uids, chunks) -> list[int]:
+        model = self.engine.model
+        forward = model.forward_cached
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            y = forward(*a, **kw)
+            self.forward_s.append(time.perf_counter() - t)
+            return y
+
+        model.forward_cached = timed  # an instance attribute, for this put only
+        try:
+            return self.engine.put(uids, chunks).argmax(-1).tolist()
+        finally:
+            del model.forward_cached
+
+    def prefill(self, prompts):
+        uids = list(range(len(prompts)))
+        return uids, [[t] for t in self._put(uids, prompts)]
+
+    def step(self, state):
+        uids, out = state
+        for o, t in zip(out, self._put(uids, [o[-1:] for o in out])):
             o.append(t)
-    finally:
-        del model.forward_cached
+        return state
+
+    def finish(self, state):
+        uids, out = state
         for uid in uids:
-            engine.flush(uid)
-    decode_fwd = sum(fwd_times[1:])
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "prefill_forward_s": fwd_times[0],
-            "decode_forward_s": decode_fwd, "decode_outside_forward_s": (t2 - t1) - decode_fwd, "tokens": out}
-
-
-def run_recompute(model: GPTMoE, prompts: list[list[int]], n: int) -> dict:
-    """The old ``generate``, one sequence after the other; a stamp after every ``model.logits``."""
-    logits = model.logits
-    stamps: list[float] = []
-
-    def stamped(*a, **kw):
-        y = logits(*a, **kw)
-        stamps.append(time.perf_counter())
-        return y
-
-    model.logits = stamped
-    prefill = decode = 0.0
-    out = []
-    try:
-        for p in prompts:
-            stamps.clear()
-            t0 = time.perf_counter()
-            ids = tedgen.generate(model, p, n, greedy=True)
-            t2 = time.perf_counter()
-            prefill += stamps[0] - t0
-            decode += t2 - stamps[0]
-            out.append(ids[len(p):])
-    finally:
-        del model.logits
-    return {"prefill_s": prefill, "decode_s": decode, "tokens": out}
+            self.engine.flush(uid)
+        return out
 
 
 def hf_inputs(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +176,91 @@ def cache_bytes(cache) -> tuple[int, int]:
     return total, pairs[0][0].shape[-2]
 
 
-def run_hf(hf_model, prompts: list[list[int]], n: int, gen_config) -> dict:
+class Transformers:
+    """transformers' model driven as its ``generate`` drives it (greedy, default DynamicCache)."""
+
+    def __init__(self, hf_model):
+        self.model = hf_model
+        names = inspect.signature(hf_model.forward).parameters
+        self.cache_kw = "cache" if "cache" in names else "past_key_values"
+
+    def _forward(self, **kw):
+        with torch.no_grad():
+            out = self.model(**kw, use_cache=True, logits_to_keep=1)
+        return returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def prefill(self, prompts):
+        ids, mask = hf_inputs(prompts)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache, nxt = self._forward(input_ids=ids, attention_mask=mask, position_ids=pos)
+        return {"cache": cache, "mask": mask, "pos": pos[:, -1:], "out": [nxt], "real": sum(map(len, prompts))}
+
+    def step(self, s):
+        s["mask"] = torch.cat([s["mask"], s["mask"].new_ones(len(s["mask"]), 1)], 1)
+        s["pos"] = s["pos"] + 1
+        s["cache"], nxt = self._forward(input_ids=s["out"][-1], attention_mask=s["mask"], position_ids=s["pos"],
+                                        **{self.cache_kw: s["cache"]})
+        s["out"].append(nxt)
+        return s
+
+    def finish(self, s):
+        self.last_cache = cache_bytes(s["cache"]) + (s["real"] + len(s["mask"]) * (len(s["out"]) - 1),)
+        return torch.cat(s["out"], 1).tolist()
+
+
+def interleaved(drivers: dict, prompts, n: int) -> dict[str, dict]:
+    """Prefills back to back in ``drivers``' order, then the decode steps alternating (the order
+    reversed every other step). Per contender: prefill seconds, every decode step's seconds, tokens."""
+    states, res = {}, {name: {"load": load()} for name in drivers}
+    for name, d in drivers.items():
+        t0 = time.perf_counter()
+        states[name] = d.prefill(prompts)
+        res[name]["prefill_s"] = time.perf_counter() - t0
+        res[name]["steps_s"] = []
+    names = list(drivers)
+    for i in range(n - 1):
+        for name in names if i % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            states[name] = drivers[name].step(states[name])
+            res[name]["steps_s"].append(time.perf_counter() - t0)
+    for name, d in drivers.items():
+        res[name]["tokens"] = d.finish(states[name])
+        res[name]["decode_s"] = sum(res[name]["steps_s"])
+    return res
+
+
+# ---- units timed whole (stamps inside) --------------------------------------------------------------
+
+
+def run_recompute(model: GPTMoE, prompts: list[list[int]], n: int) -> dict:
+    """The old ``generate``, one sequence after the other; a stamp after every ``model.logits``."""
+    logits = model.logits
+    stamps: list[float] = []
+
+    def stamped(*a, **kw):
+        y = logits(*a, **kw)
+        stamps.append(time.perf_counter())
+        return y
+
+    model.logits = stamped
+    prefill = decode = 0.0
+    out = []
+    l0 = load()
+    try:
+        for p in prompts:
+            stamps.clear()
+            t0 = time.perf_counter()
+            ids = tedgen.generate(model, p, n, greedy=True)
+            t2 = time.perf_counter()
+            prefill += stamps[0] - t0
+            decode += t2 - stamps[0]
+            out.append(ids[len(p):])
+    finally:
+        del model.logits
+    return {"prefill_s": prefill, "decode_s": decode, "tokens": out, "load": l0}
+
+
+def run_hf_generate(hf_model, prompts: list[list[int]], n: int, gen_config) -> dict:
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     stamps: list[float] = []
@@ -199,6 +271,7 @@ def run_hf(hf_model, prompts: list[list[int]], n: int, gen_config) -> dict:
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     ids, mask = hf_inputs(prompts)
+    l0 = load()
     with torch.no_grad():
         t0 = time.perf_counter()
         res = hf_model.generate(ids, attention_mask=mask, generation_config=gen_config,
@@ -207,23 +280,20 @@ def run_hf(hf_model, prompts: list[list[int]], n: int, gen_config) -> dict:
     seqs = res.sequences[:, ids.shape[1]:]
     assert seqs.shape[1] == n and len(stamps) == n, (seqs.shape, len(stamps))
     kv, slots = cache_bytes(returned_cache(res))
-    return {"prefill_s": stamps[0] - t0, "decode_s": t2 - stamps[0], "tokens": seqs.tolist(),
-            "kv_cache_bytes": kv, "kv_cache_slots": slots * len(prompts),
-            "kv_cache_real_tokens": sum(map(len, prompts)) + len(prompts) * (n - 1)}
+    return {"prefill_s": stamps[0] - t0, "decode_s": t2 - stamps[0], "tokens": seqs.tolist(), "load": l0,
+            "kv_cache_bytes": kv, "kv_cache_slots": slots * len(prompts)}
 
 
-# ---- set-up ---------------------------------------------------------------------------------------
+# ---- set-up -------------------------------------------------------------------------------------
 
 
 def load_transformers(model: GPTMoE, cfg: ModelConfig, tmp: str):
-    """Our weights as a transformers model (or the reason it is skipped)."""
+    """Our weights as a transformers model and generate's config (or the reason it is skipped)."""
     try:
-        import transformers  # noqa: F401
         from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers.utils import logging as hf_logging
     except Exception as err:  # noqa: BLE001 - any import failure skips the peer
         return None, None, f"{type(err).__name__}: {err}"
-    from transformers.utils import logging as hf_logging
-
     from tedmoe.interop import hf
 
     hf_logging.disable_progress_bar()
@@ -240,14 +310,17 @@ def hf_generation_config(base, n: int):
     return gen
 
 
-def profile_decode(fn_prefill, fn_step, steps: int, top: int) -> list[dict]:
+def profile_decode(driver, prompts, steps: int, top: int) -> list[dict]:
     """Top operators by self CPU time over ``steps`` profiled decode steps (after an unprofiled prefill)."""
     from torch.profiler import profile
 
-    state = fn_prefill()
-    with profile() as prof:
-        for _ in range(steps):
-            state = fn_step(state)
+    state = driver.prefill(prompts)
+    try:
+        with profile() as prof:
+            for _ in range(steps):
+                state = driver.step(state)
+    finally:
+        driver.finish(state)
     rows = sorted(prof.key_averages(), key=lambda r: -r.self_cpu_time_total)
     total = sum(r.self_cpu_time_total for r in rows)
     return [{"op": r.key, "self_ms_per_step": r.self_cpu_time_total / 1e3 / steps, "calls_per_step": r.count / steps,
@@ -255,48 +328,11 @@ def profile_decode(fn_prefill, fn_step, steps: int, top: int) -> list[dict]:
         [{"op": "(total)", "self_ms_per_step": total / 1e3 / steps, "calls_per_step": 0, "share": 1.0}]
 
 
-def profiles(args, engine, hf_model, B: int) -> dict:
-    prompts = make_prompts(args, B, seed=1000 + B)
-    uids = list(range(B))
-    result = {}
-
-    def ours_prefill():
-        return engine.put(uids, prompts).argmax(-1).tolist()
-
-    def ours_step(nxt):
-        return engine.put(uids, [[t] for t in nxt]).argmax(-1).tolist()
-
-    try:
-        result[OURS] = profile_decode(ours_prefill, ours_step, args.profile_steps, args.profile_top)
-    finally:
-        for u in uids:
-            engine.flush(u)
-    if hf_model is not None:
-        import inspect
-
-        ids, mask = hf_inputs(prompts)
-        cache_kw = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
-
-        def hf_prefill():
-            with torch.no_grad():
-                out = hf_model(input_ids=ids, attention_mask=mask, use_cache=True)
-            return returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True), mask
-
-        def hf_step(state):
-            cache, nxt, m = state
-            m = torch.cat([m, m.new_ones(B, 1)], 1)
-            with torch.no_grad():
-                out = hf_model(input_ids=nxt, attention_mask=m, **{cache_kw: cache}, use_cache=True)
-            return returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True), m
-
-        result[HF] = profile_decode(hf_prefill, hf_step, args.profile_steps, args.profile_top)
-    return result
-
-
 # ---- the run ------------------------------------------------------------------------------------
 
 
 def median(xs):
+    xs = [x for x in xs if x is not None]
     return statistics.median(xs) if xs else None
 
 
@@ -309,17 +345,16 @@ def main() -> int:
     model = GPTMoE(cfg, Topology.single())
     model.init_weights(args.seed)
     model.eval()
+    longest = round(1.3 * args.prompt_len) if args.ragged else args.prompt_len
     engine = InferenceEngine(model, block_size=args.block_size,
-                             num_blocks=-(-(max(args.batches) * (round(1.3 * args.prompt_len) + args.new_tokens + 1)) //
-                                          args.block_size) + 1)
+                             num_blocks=max(args.batches) * -(-(longest + args.new_tokens) // args.block_size))
     print(f"model: V={cfg.vocab_size} H={cfg.hidden_size} layers={cfg.num_layers} heads={cfg.num_heads}/"
           f"{cfg.kv_heads} kv, {cfg.moe.num_experts} SwiGLU experts F={cfg.moe.ffn_hidden_size} top-{cfg.moe.top_k}, "
           f"moe_every=1: {counts['total'] / 1e6:.1f}M parameters ({counts['active_per_token'] / 1e6:.1f}M active per "
           f"token), fp32; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     print(f"prompts: {args.prompt_len} tokens{' +-30% (ragged)' if args.ragged else ''}, {args.new_tokens} new tokens "
-          f"greedy; batches {args.batches}; {args.rounds} rounds; KV cache pool {engine.capacity_tokens} tokens "
-          f"({engine.cache.nbytes / 2**20:.0f} MiB, block {args.block_size})")
-
+          f"greedy; batches {args.batches}; {args.rounds} rounds; our KV cache pool {engine.capacity_tokens} tokens "
+          f"({engine.cache.nbytes / 2**20:.0f} MiB, blocks of {args.block_size})")
     with tempfile.TemporaryDirectory() as tmp:  # kept while transformers may read its files
         hf_model, gen_base, skipped = (None, None, "--no-transformers") if args.no_transformers else \
             load_transformers(model, cfg, tmp)
@@ -338,98 +373,102 @@ def measure(args, cfg, counts, model, engine, hf_model, gen_base, skipped) -> in
         print(f"transformers {hf_info['transformers']}: attention {hf_info['attn_implementation']}, experts "
               f"{hf_info['experts_implementation']}, {sum(p.numel() for p in hf_model.parameters()) / 1e6:.1f}M "
               "parameters")
-
+    ours = Ours(engine)
+    drivers = {OURS: ours} | ({HF: Transformers(hf_model)} if hf_model is not None else {})
     gens = {}
 
-    def contenders(B: int):
-        names = [OURS] + ([HF] if hf_model is not None else []) + ([RECOMPUTE] if B in args.recompute_batches else [])
-        return names
-
-    def run(name: str, prompts, n: int) -> dict:
-        if name == OURS:
-            return run_ours(engine, prompts, n)
-        if name == RECOMPUTE:
-            return run_recompute(model, prompts, min(n, args.recompute_tokens))
+    def generate_hf(prompts, n):
         if n not in gens:
             gens[n] = hf_generation_config(gen_base, n)
-        return run_hf(hf_model, prompts, n, gens[n])
+        return run_hf_generate(hf_model, prompts, n, gens[n])
 
-    # warm-up: every contender once, small (first-call allocations, lazy imports)
-    warm = make_prompts(args, 2, seed=999)
-    for name in [OURS] + ([HF] if hf_model is not None else []) + [RECOMPUTE]:
-        run(name, warm[:1] if name == RECOMPUTE else warm, 3)
+    warm = make_prompts(args, 2, seed=999)  # first-call allocations, lazy imports
+    interleaved(drivers, warm, 3)
+    run_recompute(model, warm[:1], 2)
+    if hf_model is not None:
+        generate_hf(warm, 3)
 
-    raw = {B: {name: [] for name in contenders(B)} for B in args.batches}
+    raw = {B: {} for B in args.batches}
     agreement = {}
     t_start = time.perf_counter()
     for r in range(args.rounds):
         for B in args.batches:
             prompts = make_prompts(args, B, seed=B)
-            names = contenders(B)
-            names = names[r % len(names):] + names[:r % len(names)]  # rotate the order round by round
+            names = list(drivers)
+            names = names[r % len(names):] + names[:r % len(names)]  # who goes first rotates
+            ours.forward_s = []
+            res = interleaved({name: drivers[name] for name in names}, prompts, args.new_tokens)
+            fwd = ours.forward_s
+            res[OURS].update(prefill_forward_s=fwd[0], decode_forward_s=sum(fwd[1:]))
+            res[OURS]["decode_outside_forward_s"] = res[OURS]["decode_s"] - res[OURS]["decode_forward_s"]
+            if r == 0 and hf_model is not None:
+                res[HF_GEN] = generate_hf(prompts, args.new_tokens)
+            if B in args.recompute_batches:
+                res[RECOMPUTE] = run_recompute(model, prompts, min(args.new_tokens, args.recompute_tokens))
             tokens = {}
-            for name in names:
-                res = run(name, prompts if name != RECOMPUTE else prompts[:B], args.new_tokens)
-                n_new = len(res["tokens"][0])
-                res["round"], res["new_tokens"] = r, n_new
-                res["prompt_tokens"] = sum(map(len, prompts))
-                res["prompt_tok_s"] = res["prompt_tokens"] / res["prefill_s"]
-                res["decode_tok_s"] = B * (n_new - 1) / res["decode_s"] if n_new > 1 else None
-                tokens[name] = res.pop("tokens")
-                raw[B][name].append(res)
-                print(f"  round {r} B={B:>3} {name:>12}: prefill {res['prefill_s']:7.2f} s "
-                      f"({res['prompt_tok_s']:7.1f} tok/s), decode {res['decode_s']:7.2f} s "
-                      f"({res['decode_tok_s'] or 0:7.1f} tok/s)", flush=True)
+            for name, x in res.items():
+                n_new = len(x["tokens"][0])
+                x.update(round=r, new_tokens=n_new, prompt_tokens=sum(map(len, prompts)))
+                x["prompt_tok_s"] = x["prompt_tokens"] / x["prefill_s"]
+                x["decode_tok_s"] = B * (n_new - 1) / x["decode_s"] if n_new > 1 else None
+                tokens[name] = x.pop("tokens")
+                raw[B].setdefault(name, []).append(x)
+                print(f"  round {r} B={B:>3} {name:>23}: prefill {x['prefill_s']:7.2f} s ({x['prompt_tok_s']:7.1f} "
+                      f"tok/s), decode {x['decode_s']:7.2f} s ({x['decode_tok_s'] or 0:7.2f} tok/s), load {x['load']:.1f}",
+                      flush=True)
             if r == 0:
                 agreement[B] = agree(tokens)
     elapsed = time.perf_counter() - t_start
 
     rows = summarize(raw, hf_model is not None)
     print_table(args, rows, hf_model is not None)
-    print("\ngreedy tokens, first round (sequences whose new tokens all agree / first token agrees / all):")
+    print("\ngreedy tokens, first round: sequences whose compared new tokens all agree / whose first agrees / all")
     for B, a in agreement.items():
         print(f"  B={B}: " + "; ".join(f"{k}: {v['all_agree']}/{v['first_agree']}/{v['sequences']} "
                                          f"(first {v['compared_tokens']} tokens)" for k, v in a.items()))
 
     memory = {"ours_bytes_per_token": engine.bytes_per_token, "ours_pool_bytes": engine.cache.nbytes,
               "ours_pool_tokens": engine.capacity_tokens, "ours_block_size": args.block_size}
+    print(f"\nKV cache per token: ours {engine.bytes_per_token} B (a pool of {engine.capacity_tokens} tokens, "
+          f"{engine.cache.nbytes / 2**20:.1f} MiB, allocated up front; a sequence holds ceil(len / {args.block_size}) "
+          "blocks)")
     if hf_model is not None:
-        last = raw[max(args.batches)][HF][-1]
-        memory.update(transformers_cache_bytes=last["kv_cache_bytes"], transformers_cache_slots=last["kv_cache_slots"],
-                      transformers_bytes_per_slot=last["kv_cache_bytes"] / last["kv_cache_slots"],
-                      transformers_bytes_per_real_token=last["kv_cache_bytes"] / last["kv_cache_real_tokens"])
-    print("\nKV cache per token: ours " + f"{engine.bytes_per_token} B (pool of {engine.capacity_tokens} tokens "
-          f"preallocated: {engine.cache.nbytes / 2**20:.1f} MiB; a sequence holds ceil(len / {args.block_size}) blocks)")
-    if hf_model is not None:
+        kv, slots, real = drivers[HF].last_cache
+        memory.update(transformers_batch=max(args.batches), transformers_cache_bytes=kv,
+                      transformers_cache_slots=slots * max(args.batches), transformers_real_tokens=real,
+                      transformers_bytes_per_slot=kv / (slots * max(args.batches)),
+                      transformers_bytes_per_real_token=kv / real)
         print(f"                    transformers {memory['transformers_bytes_per_slot']:.0f} B per cached slot, "
-              f"{memory['transformers_bytes_per_real_token']:.0f} B per real token "
-              f"(B={max(args.batches)}: {memory['transformers_cache_bytes'] / 2**20:.1f} MiB after generation, "
-              "grown by concatenation)")
+              f"{memory['transformers_bytes_per_real_token']:.0f} B per real token (B={max(args.batches)}: "
+              f"{kv / 2**20:.1f} MiB after the last step; DynamicCache grows by concatenation)")
 
     split = {}
-    print("\nours, decode time split (median over rounds, ms per step): model.forward_cached | rest of put + argmax")
+    print("\nours, decode time per step (median over rounds): model.forward_cached | the rest of put + argmax")
     for B in args.batches:
         runs = raw[B][OURS]
         steps = max(runs[0]["new_tokens"] - 1, 1)
         fwd = median([x["decode_forward_s"] for x in runs]) * 1e3 / steps
         rest = median([x["decode_outside_forward_s"] for x in runs]) * 1e3 / steps
         split[B] = {"forward_ms_per_step": fwd, "outside_forward_ms_per_step": rest}
-        print(f"  B={B:>3}: {fwd:8.2f} | {rest:6.2f}  ({100 * rest / (fwd + rest):.1f}% outside the forward)")
+        print(f"  B={B:>3}: {fwd:8.2f} ms | {rest:6.2f} ms  ({100 * rest / (fwd + rest):.1f}% outside the forward)")
 
     prof = {}
     for B in [] if args.no_profile else args.profile_batches:
-        prof[str(B)] = profiles(args, engine, hf_model, B)
-        for name, ops in prof[str(B)].items():
-            print(f"\n{name}: top ops by self CPU time, {args.profile_steps} profiled decode steps at B={B}")
+        prompts = make_prompts(args, B, seed=B)
+        prof[str(B)] = {"load": load()}
+        for name, d in drivers.items():
+            ops = prof[str(B)][name] = profile_decode(d, prompts, args.profile_steps, args.profile_top)
+            print(f"\n{name}: top ops by self CPU time, {args.profile_steps} profiled decode steps at B={B} "
+                  f"(load {prof[str(B)]['load']:.1f})")
             print(f"  {'op':<44} {'ms/step':>8} {'calls/step':>10} {'share':>6}")
             for o in ops:
                 print(f"  {o['op'][:44]:<44} {o['self_ms_per_step']:8.2f} {o['calls_per_step']:10.1f} "
                       f"{100 * o['share']:5.1f}%")
 
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     config["model"] = dataclasses.asdict(cfg)
-    result = {"parameters": counts, "cores": cores(), **hf_info, "elapsed_s": elapsed,
-              "rows": rows, "raw": {str(B): v for B, v in raw.items()},
+    result = {"parameters": counts, "cores": cores(), **hf_info, "elapsed_s": elapsed, "rows": rows,
+              "raw": {str(B): v for B, v in raw.items()},
               "agreement_first_round": {str(B): v for B, v in agreement.items()}, "kv_cache": memory,
               "ours_decode_split": {str(B): v for B, v in split.items()}, "profile": prof}
     common.write_result("inference", config, result)
@@ -437,56 +476,73 @@ def measure(args, cfg, counts, model, engine, hf_model, gen_base, skipped) -> in
 
 
 def agree(tokens: dict[str, list[list[int]]]) -> dict:
-    """Ours vs each other contender: sequences whose compared tokens all agree, whose first agrees."""
+    """Ours vs each other contender: sequences whose compared tokens all agree, whose first agrees,
+    and the mean length of the agreeing prefix; and transformers' loop vs its generate()."""
+    pairs = [(OURS, name) for name in tokens if name != OURS]
+    if HF in tokens and HF_GEN in tokens:
+        pairs.append((HF, HF_GEN))
     out = {}
-    for name, other in tokens.items():
-        if name == OURS:
-            continue
-        ours = tokens[OURS][:len(other)]
-        n = min(len(other[0]), len(ours[0]))
-        out[f"ours vs {name}"] = {"sequences": len(other), "compared_tokens": n,
-                                  "all_agree": sum(a[:n] == b[:n] for a, b in zip(ours, other)),
-                                  "first_agree": sum(a[0] == b[0] for a, b in zip(ours, other)),
-                                  "agreeing_prefix_mean": statistics.mean(
-                                      next((i for i in range(n) if a[i] != b[i]), n) for a, b in zip(ours, other))}
+    for a_name, b_name in pairs:
+        other = tokens[b_name]
+        mine = tokens[a_name][:len(other)]
+        n = min(len(other[0]), len(mine[0]))
+        out[f"{a_name} vs {b_name}"] = {
+            "sequences": len(other), "compared_tokens": n,
+            "all_agree": sum(a[:n] == b[:n] for a, b in zip(mine, other)),
+            "first_agree": sum(a[0] == b[0] for a, b in zip(mine, other)),
+            "agreeing_prefix_mean": statistics.mean(next((i for i in range(n) if a[i] != b[i]), n)
+                                                    for a, b in zip(mine, other))}
     return out
 
 
 def summarize(raw: dict, have_hf: bool) -> list[dict]:
     rows = []
     for B, by_name in raw.items():
+        hf = {x["round"]: x for x in by_name.get(HF, [])}
         for name, runs in by_name.items():
-            row = {"batch": B, "contender": name, "new_tokens": runs[0]["new_tokens"],
+            row = {"batch": B, "contender": name, "rounds": len(runs), "new_tokens": runs[0]["new_tokens"],
                    "prompt_tok_s": median([x["prompt_tok_s"] for x in runs]),
-                   "decode_tok_s": median([x["decode_tok_s"] for x in runs if x["decode_tok_s"]]),
+                   "decode_tok_s": median([x["decode_tok_s"] for x in runs]),
+                   "decode_tok_s_best": max((x["decode_tok_s"] or 0) for x in runs),
                    "prefill_s": median([x["prefill_s"] for x in runs]),
+                   # one decode forward: for the whole batch; recompute's: one sequence's whole context
                    "decode_ms_per_forward": median([x["decode_s"] / max(x["new_tokens"] - 1, 1) for x in runs]) * 1e3
                    / (B if name == RECOMPUTE else 1)}
             if have_hf:  # ratios within each round, then their median
-                hf = {x["round"]: x for x in by_name[HF]}
-                row["decode_vs_transformers"] = median([x["decode_tok_s"] / hf[x["round"]]["decode_tok_s"]
-                                                        for x in runs if x["decode_tok_s"]])
                 row["prompt_vs_transformers"] = median([x["prompt_tok_s"] / hf[x["round"]]["prompt_tok_s"]
                                                         for x in runs])
-                row["decode_vs_transformers_rounds"] = [x["decode_tok_s"] / hf[x["round"]]["decode_tok_s"]
-                                                        for x in runs if x["decode_tok_s"]]
+                per_round = [x["decode_tok_s"] / hf[x["round"]]["decode_tok_s"] for x in runs if x["decode_tok_s"]]
+                row["decode_vs_transformers"] = median(per_round)
+                row["decode_vs_transformers_rounds"] = per_round
+                if name == OURS:  # adjacent step pairs: transformers' step time / ours
+                    row["decode_vs_transformers_step_pairs"] = median(
+                        h / o for x in runs for h, o in zip(hf[x["round"]]["steps_s"], x["steps_s"]))
             rows.append(row)
     return rows
 
 
 def print_table(args, rows: list[dict], have_hf: bool) -> None:
-    print(f"\nmedians of {args.rounds} rounds; 'vs transformers' = median of the within-round ratios")
-    head = f"| {'B':>3} | {'contender':<26} | {'prompt tok/s':>12} | {'decode tok/s':>12} | {'ms/fwd':>8} |"
+    print(f"\nmedians of the rounds; 'vs transformers' = median over rounds of the ratio within a round to "
+          f"transformers (loop); [min-max] over rounds; 'step pairs' = median of its step time / ours over adjacent "
+          f"decode steps")
+    head = f"| {'B':>3} | {'contender':<36} | {'prompt tok/s':>12} | {'decode tok/s':>12} | {'ms/fwd':>8} |"
     if have_hf:
-        head += f" {'prompt vs transformers':>22} | {'decode vs transformers':>22} |"
+        head += f" {'prompt vs tf':>12} | {'decode vs tf [min-max]':>22} | {'step pairs':>10} |"
     print(head)
-    print("|" + "|".join("-" * (len(c) + 0) for c in head.split("|")[1:-1]) + "|")
+    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        name = r["contender"] + (f" ({r['new_tokens']} new)" if r["new_tokens"] != args.new_tokens else "")
-        line = f"| {r['batch']:>3} | {name:<26} | {r['prompt_tok_s']:>12.1f} | {r['decode_tok_s'] or 0:>12.2f} | " \
+        notes = [f"{r['new_tokens']} new"] if r["new_tokens"] != args.new_tokens else []
+        if r["rounds"] != args.rounds:
+            notes.append(f"{r['rounds']} round" + ("s" if r["rounds"] > 1 else ""))
+        name = r["contender"] + (f" ({', '.join(notes)})" if notes else "")
+        line = f"| {r['batch']:>3} | {name:<36} | {r['prompt_tok_s']:>12.1f} | {r['decode_tok_s'] or 0:>12.2f} | " \
                f"{r['decode_ms_per_forward']:>8.1f} |"
         if have_hf:
-            line += f" {r['prompt_vs_transformers']:>22.2f} | {r['decode_vs_transformers']:>22.2f} |"
+            rr = r["decode_vs_transformers_rounds"]
+            span = f"{r['decode_vs_transformers']:.2f} [{min(rr):.2f}-{max(rr):.2f}]"
+            pairs = r.get("decode_vs_transformers_step_pairs")
+            line += f" {r['prompt_vs_transformers']:>12.2f} | {span:>22} | " \
+                    f"{'' if pairs is None else f'{pairs:.2f}':>10} |"
         print(line)
     print("(ms/fwd: one decode forward, for the whole batch; recompute's forwards are one sequence's whole context)")
 
@@ -508,7 +564,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ragged", action="store_true", help="prompt lengths uniform in prompt_len +-30%%")
     p.add_argument("--rounds", type=int)
     p.add_argument("--recompute-batches", type=int, nargs="*", default=[1],
-                   help="batch sizes at which the old recompute generate runs (default 1)")
+                   help="batch sizes at which the old recompute generate runs (default 1; none: skip it)")
     p.add_argument("--recompute-tokens", type=int, help="its new tokens (default 8; quick 4)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -526,6 +582,8 @@ def parse_args() -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (one prefill token, then decode)")
     if round(1.3 * args.prompt_len) + args.new_tokens > args.max_seq_len:
         p.error(f"--max-seq-len {args.max_seq_len} is shorter than the longest prompt + new tokens")
     return args

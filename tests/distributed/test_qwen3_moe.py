@@ -40,6 +40,24 @@ def test_layouts_load_a_transformers_checkpoint_with_equal_logits(world4, tmp_pa
             torch.testing.assert_close(logits, want, **TOL, msg=lambda m: f"rank {rank} tp={tp} ep={ep}: {m}")
 
 
+def check_sp_load(path):
+    """With sp > 1 (and dp, ep) each rank's parameters are its slices of the directory's tensors."""
+    from tedmoe.parallel.sharding import full_state_dict
+
+    cfg = hf.read_config(path)
+    model = GPTMoE(cfg, Topology(4, tp=1, ep=2, sp=2))
+    hf.load_into(model, path)
+    state = full_state_dict(model, model.topology)  # collective: every rank gathers
+    return state if torch.distributed.get_rank() == 0 else None
+
+
+def test_an_sp_layout_loads_the_same_weights(world4, tmp_path):
+    _, path = hf_model(tmp_path)
+    _, state = hf.load(path)
+    got = world4.run(check_sp_load, str(path))[0]
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
 def model_config():
     moe = MoEConfig(ffn_hidden_size=32, num_experts=4, top_k=2, dropless=True, activation="swiglu",
                     normalize_gates=False)  # dropless, as Qwen3-MoE routes (and as SP layouts need for invariance)
