@@ -14,22 +14,26 @@ transformers = pytest.importorskip("transformers")
 LAYOUTS = [(2, 2), (1, 4), (2, 1)]  # (tp, ep) on 4 ranks; dp = 4 / tp
 
 
-def check_layouts(path):
+def check_layouts(path, x):
     cfg, out = hf.read_config(path), {}
     for tp, ep in LAYOUTS:
         model = GPTMoE(cfg, Topology(4, tp=tp, ep=ep)).eval()
         hf.load_into(model, path)
-        out[(tp, ep)] = model.logits(ids())
+        out[(tp, ep)] = model.logits(x)
     return out
 
 
-def test_layouts_load_a_transformers_checkpoint_with_equal_logits(world4, tmp_path):
-    model, path = hf_model(tmp_path)
+def assert_layouts_give_transformers_logits(world, model, path, x):
+    """Every rank of every layout in LAYOUTS, loading ``path`` itself, gives ``model``'s logits on ``x``."""
     with torch.no_grad():
-        want = model(ids()).logits
-    for rank, results in enumerate(world4.run(check_layouts, str(path))):
+        want = model(x).logits
+    for rank, results in enumerate(world.run(check_layouts, str(path), x)):
         for (tp, ep), logits in results.items():
             torch.testing.assert_close(logits, want, **TOL, msg=lambda m: f"rank {rank} tp={tp} ep={ep}: {m}")
+
+
+def test_layouts_load_a_transformers_checkpoint_with_equal_logits(world4, tmp_path):
+    assert_layouts_give_transformers_logits(world4, *hf_model(tmp_path), ids())
 
 
 def test_one_process_load_into_equals_the_full_load(tmp_path):

@@ -13,31 +13,17 @@ from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.activation_checkpoint import apply_checkpointing
 from tedmoe.parallel.topology import Topology
 from tests.distributed.harness import assert_matches_reference, train_and_gather
-from tests.unit.test_qwen3_moe import TOL, hf_model, ids
+from tests.distributed.test_mixtral import assert_layouts_give_transformers_logits
+from tests.unit.test_qwen3_moe import hf_model, ids
 
 transformers = pytest.importorskip("transformers")
 
-LOAD_LAYOUTS = [(2, 2), (1, 4), (2, 1)]  # (tp, ep) on 4 ranks; dp = 4 / tp
 TRAIN_LAYOUTS = [(2, 2, 1, "none"), (4, 1, 1, "cac"), (1, 2, 2, "plain"), (2, 1, 2, "none")]  # tp, ep, sp, ckpt
 STEPS = 5
 
 
-def check_loads(path):
-    cfg, out = hf.read_config(path), {}
-    for tp, ep in LOAD_LAYOUTS:
-        model = GPTMoE(cfg, Topology(4, tp=tp, ep=ep)).eval()
-        hf.load_into(model, path)
-        out[(tp, ep)] = model.logits(ids())
-    return out
-
-
 def test_layouts_load_a_transformers_checkpoint_with_equal_logits(world4, tmp_path):
-    model, path = hf_model(tmp_path)
-    with torch.no_grad():
-        want = model(ids()).logits
-    for rank, results in enumerate(world4.run(check_loads, str(path))):
-        for (tp, ep), logits in results.items():
-            torch.testing.assert_close(logits, want, **TOL, msg=lambda m: f"rank {rank} tp={tp} ep={ep}: {m}")
+    assert_layouts_give_transformers_logits(world4, *hf_model(tmp_path), ids())
 
 
 def check_sp_load(path):

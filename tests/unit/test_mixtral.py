@@ -180,18 +180,27 @@ def test_exported_tokenizers_give_tedmoe_ids_in_transformers(tmp_path):
             assert theirs.decode(ids) == text, (name, text)
 
 
-def test_greedy_generation_equals_transformers_token_for_token(tmp_path):
-    from tedmoe.inference.generate import generate
+def assert_greedy_generation_equal(model, path):
+    """32 greedy tokens from transformers' ``generate`` equal tedmoe's, by recomputation and on
+    the engine (KV cache), from the directory ``path`` holding ``model``."""
+    from tedmoe.inference.engine import InferenceEngine
+    from tedmoe.inference.generate import generate, generate_batch, load_model
+    from tedmoe.data.tokenizer import ByteTokenizer
+    from tedmoe.inference.sampling import SamplingParams
 
-    model, path = hf_model(tmp_path, seed=4)
-    cfg, state = hf.load(path)
-    ours = GPTMoE(cfg, Topology.single()).eval()
-    ours.load_state_dict(state)
+    (path / "tokenizer.json").write_text(hf.tokenizer_json(ByteTokenizer()))  # load_model wants one
+    ours, _ = load_model(path, routing="dropless")
     prompt = [5, 17, 42, 8]
     theirs = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
                             eos_token_id=None)[0].tolist()
     assert generate(ours, prompt, 32, greedy=True) == theirs
+    engine = InferenceEngine(ours, block_size=8, num_blocks=16)
+    assert generate_batch(engine, [prompt], 32, SamplingParams(temperature=0.0))[0] == theirs
     assert len(set(theirs[4:])) > 3  # not one token repeated
+
+
+def test_greedy_generation_equals_transformers_token_for_token(tmp_path):
+    assert_greedy_generation_equal(*hf_model(tmp_path, seed=4))
 
 
 def test_tedmoe_generate_reads_a_hugging_face_directory(runs, tmp_path, capsys):

@@ -13,6 +13,7 @@ from tedmoe.config import ModelConfig, MoEConfig
 from tedmoe.interop import families, hf
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology
+from tests.unit.test_mixtral import assert_greedy_generation_equal
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,17 +87,7 @@ def test_a_qk_norm_model_exports_as_qwen3_moe_with_equal_logits(tmp_path):
 
 
 def test_greedy_generation_equals_transformers_token_for_token(tmp_path):
-    from tedmoe.inference.generate import generate
-
-    model, path = hf_model(tmp_path, seed=4)
-    cfg, state = hf.load(path)
-    ours = GPTMoE(cfg, Topology.single()).eval()
-    ours.load_state_dict(state)
-    prompt = [5, 17, 42, 8]
-    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
-                            eos_token_id=None)[0].tolist()
-    assert generate(ours, prompt, 32, greedy=True) == theirs
-    assert len(set(theirs[4:])) > 3  # not one token repeated
+    assert_greedy_generation_equal(*hf_model(tmp_path, seed=4))
 
 
 @pytest.mark.parametrize("change,message", [
