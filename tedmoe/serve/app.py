@@ -332,6 +332,8 @@ def create_app(loop: ServingLoop, model_name: str):
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, http: HTTPRequest):
         prompt = body.prompt
+        if body.echo:
+            return bad("echo=true is not supported; the prompt is yours already")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 return bad("a list of several prompts is not supported; send one prompt per request", 400)

@@ -9,10 +9,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 
-class CompletionRequest(BaseModel):
+class _Sampling(BaseModel):
+    """What completions and chat requests share."""
+
     model: str | None = None
-    prompt: str | list[int] | list[str]
-    max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
@@ -20,8 +20,13 @@ class CompletionRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
-    echo: bool = False
     user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str]
+    max_tokens: int = Field(16, ge=1)
+    echo: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -29,19 +34,10 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatRequest(BaseModel):
-    model: str | None = None
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    user: str | None = None
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
