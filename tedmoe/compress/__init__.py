@@ -1,0 +1,1 @@
+"""Compression with real integers: quantised weights stored and multiplied as integers."""

@@ -1,0 +1,118 @@
+"""Integer weights that stay integers: group-wise symmetric INT8 and INT4 quantisation, INT4
+packing two values per byte, and matrix products computed by torch's integer kernels.
+
+Legend: a weight ``W [N, K]`` (``nn.Linear`` layout: N outputs, K inputs) is cut along K into
+groups of ``g`` columns; each (row, group) has one fp32 scale ``s = max|w| / qmax`` (127 for INT8,
+7 for INT4) and ``q = round(w / s)`` clamped to ``[-qmax - 1, qmax]``.
+
+Kernels (CPU, torch 2.13): ``aten._weight_int8pack_mm(x, q, s)`` computes ``x @ (q * s)^T`` with
+one scale per row, so a grouped INT8 weight is ``K / g`` such products summed (each over its
+group's columns); ``aten._weight_int4pack_mm_for_cpu(x, packed, g, sz)`` takes group-wise
+``(scale, zero)`` pairs and its own packed layout (``(q + 8)`` nibbles via
+``_convert_weight_to_int4pack_for_cpu``), dequantising ``(q' - 8) s + z`` inside the kernel.
+``torch._int_mm`` multiplies int8 by int8 into int32: with token-wise dynamic INT8 activations
+(ZeroQuant's W8A8) both operands are integers. No path dequantises a whole matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMAX = {8: 127, 4: 7}
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes the CPU INT4 kernel takes
+
+
+def check_group_size(K: int, group_size: int, bits: int, name: str = "weight") -> None:
+    """``ValueError`` naming the fix when ``group_size`` does not fit a weight with ``K`` inputs."""
+    if group_size < 1 or K % group_size:
+        raise ValueError(f"group size {group_size} does not divide {name}'s {K} input columns; pick a divisor of {K} "
+                         "(e.g. 32, 64, 128)")
+    if bits == 4 and group_size not in INT4_GROUPS:
+        raise ValueError(f"group size {group_size}: the INT4 kernel takes {', '.join(map(str, INT4_GROUPS))}")
+    if bits == 4 and K % 2:
+        raise ValueError(f"{name} has {K} input columns; INT4 packs two per byte, so K must be even")
+
+
+def quantize(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [N, K]`` -> ``(q int8 [N, K], scales fp32 [N, K / g])``, symmetric per (row, group)."""
+    N, K = w.shape
+    check_group_size(K, group_size, bits)
+    groups = w.detach().float().reshape(N, K // group_size, group_size)
+    qmax = QMAX[bits]
+    scales = groups.abs().amax(-1).clamp(min=1e-12) / qmax
+    q = torch.round(groups / scales[..., None]).clamp_(-qmax - 1, qmax).to(torch.int8)
+    return q.reshape(N, K), scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float weight ``q`` and ``scales`` stand for (for checks and references only)."""
+    N, K = q.shape
+    g = K // scales.shape[1]
+    return (q.float().reshape(N, -1, g) * scales[..., None]).reshape(N, K)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """INT4 values ``[N, K]`` in ``[-8, 7]`` -> bytes ``[N, K / 2]``: column ``2j`` in the low nibble,
+    ``2j + 1`` in the high one, each stored as ``q + 8`` (the on-disk format)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low, high = (packed & 0xF).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+def by_group(q: torch.Tensor, scales: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """An INT8 weight laid out for the kernels, once at load: ``[G, N, g]`` int8 (``[G, g, N]``
+    with ``transpose``, for ``torch._int_mm``) and ``[G, N]`` scales, each group contiguous."""
+    N, K = q.shape
+    G = scales.shape[1]
+    qg = q.reshape(N, G, K // G).permute(1, 2, 0) if transpose else q.reshape(N, G, K // G).transpose(0, 1)
+    return qg.contiguous(), scales.t().contiguous()
+
+
+def int8_linear(x: torch.Tensor, qg: torch.Tensor, sg: torch.Tensor) -> torch.Tensor:
+    """``x [..., K] @ W^T`` for an INT8 weight laid out by ``by_group`` (weight-only: ``x`` stays
+    float): one ``_weight_int8pack_mm`` per group, summed."""
+    shape, (G, N, g) = x.shape, qg.shape
+    x2 = x.reshape(-1, shape[-1])
+    y = torch.ops.aten._weight_int8pack_mm(x2 if G == 1 else x2[:, :g].contiguous(), qg[0], sg[0].to(x.dtype))
+    for i in range(1, G):
+        y += torch.ops.aten._weight_int8pack_mm(x2[:, i * g:(i + 1) * g].contiguous(), qg[i], sg[i].to(x.dtype))
+    return y.reshape(*shape[:-1], N)
+
+
+def int4_kernel_weight(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU INT4 kernel's operands from the on-disk bytes: its packed weight and the
+    ``[K / g, N, 2]`` (scale, zero) pairs (zero 0: the quantisation is symmetric)."""
+    kernel_q = torch.ops.aten._convert_weight_to_int4pack_for_cpu((unpack_int4(packed).to(torch.int32) + 8), 1)
+    sz = torch.stack([scales.t(), torch.zeros_like(scales.t())], dim=-1).contiguous()
+    return kernel_q, sz
+
+
+def int4_linear(x: torch.Tensor, kernel_q: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    shape = x.shape
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), kernel_q, group_size, sz.to(x.dtype))
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZeroQuant's token-wise dynamic activation quantisation: one scale per row of ``x [M, K]``."""
+    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-12) / 127
+    return torch.round(x.float() / scale).clamp_(-128, 127).to(torch.int8), scale
+
+
+def w8a8_linear(x: torch.Tensor, qt: torch.Tensor, sg: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` with both operands INT8 (``torch._int_mm``, int32 accumulation) for a weight laid
+    out by ``by_group(..., transpose=True)``: activations quantised per token, one product per group."""
+    shape, (G, g, N) = x.shape, qt.shape
+    xq, sx = quantize_tokens(x.reshape(-1, shape[-1]))
+    M = xq.shape[0]
+    if M <= 16:  # _int_mm takes more than 16 rows: pad with zero rows
+        xq = torch.cat([xq, xq.new_zeros(17 - M, xq.shape[1])])
+    y = None
+    for i in range(G):
+        part = torch._int_mm(xq[:, i * g:(i + 1) * g].contiguous() if G > 1 else xq, qt[i])[:M].float() * sg[i]
+        y = part if y is None else y + part
+    return (y * sx).to(x.dtype).reshape(*shape[:-1], N)
