@@ -4,8 +4,8 @@ prefill-first continuous batching, static batches) and number of concurrent clie
 
 Reproduce:  .venv/bin/python benchmarks/serving.py            (H=256, 4 layers, 4 heads, 8 SwiGLU experts F=256,
                                                               top-2; prompts 256 +-30%, 32 +-30% new tokens;
-                                                              1, 4, 16, 32 clients; splitfuse token budget 256,
-                                                              and 128 / 512 at 16 and 32 clients)
+                                                              1, 4, 16, 32 clients; token budget 256, and SplitFuse
+                                                              with budgets 128 and 512 at 16 and 32 clients)
             .venv/bin/python benchmarks/serving.py --quick    (a small model, few requests, 1 and 4 clients:
                                                               a smoke run, under 2 minutes)
 
@@ -17,18 +17,21 @@ as its own event (a byte >= 128 is an incomplete UTF-8 character, held back and 
 event, which would hide its time). Byte models have no EOS, so every request generates exactly
 ``max_tokens``; the client checks that it received that many token events.
 
-The server: one ``python -m tedmoe.cli serve --ckpt DIR --port 0 --policy P --token-budget B
---max-seqs 32`` per policy (and per extra SplitFuse budget), started fresh, warmed up with
-``--warmup`` requests (4 at once), used for every concurrency in turn, and stopped with SIGTERM
-(its exit code must be 0). Server and clients share this machine's 2 cores, so the server runs its
-forwards on ``--server-threads`` (default 1) torch threads, and this process's own forwards (below) too:
+The servers: one ``python -m tedmoe.cli serve --ckpt DIR --port 0 --policy P --token-budget B
+--max-seqs 32`` per policy (and per extra SplitFuse budget), all started fresh at the beginning and
+warmed up with ``--warmup`` requests (4 at once); they stay up (idle) together, so the cells of one
+client count run back to back, server after server, their order rotating from one client count to
+the next (this machine is shared: its speed drifts by tens of percent over minutes, and running
+policy after policy would put a drift between them); all stopped with SIGTERM at the end (exit code
+must be 0). Server and clients share this machine's 2 cores, so the server runs its forwards on
+``--server-threads`` (default 1) torch threads, and this process's own forwards (below) too:
 measured here, with 2 OpenMP threads a forward becomes 5-35x slower as soon as any other process
 (the clients, the server's own HTTP thread, other work on the machine) wants a core, while with 1
 thread it degrades in proportion.
 
-The load: for C clients, a list of ``--requests`` requests (fewer for C < 16 and for static, see
-``--low-requests``) is drawn once from a seed that depends only on C, so every policy gets the same
-requests: prompt length uniform in [0.7 m, 1.3 m] around ``--prompt-mean`` m (random token ids,
+The load: for C clients, a list of ``--requests`` requests (200; fewer where a cell is slow:
+``--single-requests`` 40 at 1 client, ``--low-requests`` 100 at 4 clients and for static) is drawn
+once from a seed that depends only on C, so every policy gets the same requests: prompt length uniform in [0.7 m, 1.3 m] around ``--prompt-mean`` m (random token ids,
 sent as a token list, so the length is exact) and ``max_tokens`` uniform in [0.7 g, 1.3 g] around
 ``--gen-mean`` g; ``temperature`` 0, ``stream`` true. Each client sends its next request as soon as
 its previous one ends (closed loop) until the list is used up. Times are taken by the client
@@ -41,14 +44,14 @@ TTFT median and P95; per-token latency = the gaps between consecutive streamed t
 requests pooled, median and P95 (the JSON also has each request's mean gap); effective throughput
 = requests that meet the SLA / wall time.
 
-The SLA (scaled to this machine, as FastGen scaled theirs to their hardware): before the cells, an
-idle fresh server (prefill-first, so a prompt is one forward) answers ``--calibration`` single
-requests of exactly m prompt tokens and g new tokens, one at a time. T_prefill = median TTFT / m
+The SLA (scaled to this machine, as FastGen scaled theirs to their hardware): before the cells, one
+more fresh server (prefill-first, so a prompt is one forward), idle and warmed up, answers
+``--calibration`` single requests of exactly m prompt tokens and g new tokens, one at a time. T_prefill = median TTFT / m
 (seconds per prompt token, HTTP included); decode rate = median of (g - 1) / (last token time -
 first token time). A request meets the SLA when
     TTFT <= 0.5 s + 4 x T_prefill x its prompt length   and
     its generation rate (tokens after the first / time after the first) >= decode rate / 4
-and it received all its tokens without an error.
+and it received all its tokens without an error. The calibration server is then stopped.
 
 Also, in this process on the same weights (no HTTP): the cost of one engine forward by shape
 (a prompt chunk of N tokens, B decodes, B decodes + a prompt chunk: what SplitFuse fuses), and a
@@ -237,12 +240,16 @@ def replay(engine, args, policy: str, budget: int, clients: int, specs: list[dic
             "decode_only_forwards": sum(f["prompt_tokens"] == 0 for f in forwards),
             "decode_only_ms_median": _median([f["forward_ms"] for f in forwards if f["prompt_tokens"] == 0]),
             "with_prompt_ms_median": _median([f["forward_ms"] for f in forwards if f["prompt_tokens"] > 0]),
-            "ttft_p50": _pct([d["ttft"] for d in done], 50), "gap_p50_ms": 1e3 * _pct(gaps, 50),
-            "gap_p95_ms": 1e3 * _pct(gaps, 95), "forward_log": forwards}
+            "ttft_p50": _pct([d["ttft"] for d in done], 50), "gap_p50_ms": _ms(_pct(gaps, 50)),
+            "gap_p95_ms": _ms(_pct(gaps, 95)), "forward_log": forwards}
 
 
 def _median(xs):
     return statistics.median(xs) if xs else None
+
+
+def _ms(x):
+    return None if x is None else 1e3 * x
 
 
 def _pct(xs, q):
@@ -395,9 +402,9 @@ def summarize(records: list[dict], wall: float) -> dict:
             "incomplete": sum(r["tokens"] != r["gen_len"] for r in records), "wall_s": wall,
             "requests_per_s": len(ok) / wall, "gen_tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50_s": _pct(ttfts, 50), "ttft_p95_s": _pct(ttfts, 95),
-            "gap_p50_ms": 1e3 * _pct(gaps, 50) if gaps else None, "gap_p95_ms": 1e3 * _pct(gaps, 95) if gaps else None,
-            "request_mean_gap_p50_ms": 1e3 * _pct([r["mean_gap"] for r in ok if r["mean_gap"]], 50),
-            "request_mean_gap_p95_ms": 1e3 * _pct([r["mean_gap"] for r in ok if r["mean_gap"]], 95),
+            "gap_p50_ms": _ms(_pct(gaps, 50)), "gap_p95_ms": _ms(_pct(gaps, 95)),
+            "request_mean_gap_p50_ms": _ms(_pct([r["mean_gap"] for r in ok if r["mean_gap"]], 50)),
+            "request_mean_gap_p95_ms": _ms(_pct([r["mean_gap"] for r in ok if r["mean_gap"]], 95)),
             "ttft_ok": sum(r["ttft_ok"] for r in records), "rate_ok": sum(r["rate_ok"] for r in records),
             "sla_ok": sum(r["sla_ok"] for r in records), "sla_fraction": sum(r["sla_ok"] for r in records) / len(records),
             "effective_requests_per_s": sum(r["sla_ok"] for r in records) / wall}
@@ -490,8 +497,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--clients", type=int, nargs="+", help="concurrent clients per cell (default 1 4 16 32)")
     p.add_argument("--requests", type=int, help="requests per cell (default 200)")
-    p.add_argument("--low-requests", type=int, help="requests per cell below 16 clients and for static "
+    p.add_argument("--low-requests", type=int, help="requests per cell at 2-15 clients and for static "
                    "(default 100)")
+    p.add_argument("--single-requests", type=int, help="requests per cell at 1 client (default 40)")
     p.add_argument("--prompt-mean", type=int, help="mean prompt tokens (default 256; drawn +-30%%)")
     p.add_argument("--gen-mean", type=int, help="mean new tokens (default 32; drawn +-30%%)")
     p.add_argument("--token-budget", type=int, default=256, help="the servers' --token-budget (SplitFuse's)")
@@ -514,10 +522,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ffn", type=int, help="each expert's hidden width")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    quick = dict(clients=[1, 4], requests=12, low_requests=8, prompt_mean=64, gen_mean=16, sweep_budgets=[],
+    quick = dict(clients=[1, 4], requests=12, low_requests=8, single_requests=8, prompt_mean=64, gen_mean=16, sweep_budgets=[],
                  replay_clients=[4], replay_requests=8, hidden=64, layers=2, heads=4, experts=4, ffn=128)
-    full = dict(clients=[1, 4, 16, 32], requests=200, low_requests=100, prompt_mean=256, gen_mean=32,
-                sweep_budgets=[128, 512], replay_clients=[16], replay_requests=64, hidden=256, layers=4, heads=4,
+    full = dict(clients=[1, 4, 16, 32], requests=200, low_requests=100, single_requests=40, prompt_mean=256, gen_mean=32,
+                sweep_budgets=[128, 512], replay_clients=[16, 32], replay_requests=48, hidden=256, layers=4, heads=4,
                 experts=8, ffn=256)
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -532,6 +540,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def requests_for(args, policy: str, clients: int) -> int:
+    if clients == 1:
+        return min(args.requests, args.single_requests)
     return args.requests if clients >= 16 and policy != "static" else min(args.requests, args.low_requests)
 
 
@@ -586,42 +596,53 @@ def main() -> int:
         result["replay"] = replays
         del engine, model
 
-        # the SLA, from single requests on an idle fresh server
-        server = Server(ckpt, "prefill-first", args.token_budget, args, tmp)
-        try:
-            run_load(server.url, draw_requests(args, 0, args.warmup), args.warmup)
-            sla = calibrate(server.url, args)
-        finally:
-            servers.append(server.stop())
-        print(f"\ncalibration ({sla['requests']} single requests, {args.prompt_mean} prompt tokens, {args.gen_mean} new): "
-              f"TTFT median {sla['ttft_median_s'] * 1e3:.1f} ms = {sla['prefill_s_per_token'] * 1e3:.3f} ms per prompt "
-              f"token; decode {sla['decode_tokens_per_s']:.1f} tok/s")
-        result["sla"] = sla
-
+        # every server up at once (fresh, warmed up, idle between its cells), so that the cells of one
+        # client count run back to back, their order rotating: drifts of this shared machine hit all alike
         plan = [(policy, args.token_budget, args.clients) for policy in args.policies]
         if "splitfuse" in args.policies:
             plan += [("splitfuse", b, args.sweep_clients) for b in args.sweep_budgets if b != args.token_budget]
-        for policy, budget, client_counts in plan:
-            server = Server(ckpt, policy, budget, args, tmp)
-            print(f"\n{server.banner}", flush=True)
+        up: list[tuple[Server, list[int]]] = []
+        try:
+            for policy, budget, client_counts in plan:
+                up.append((Server(ckpt, policy, budget, args, tmp), client_counts))
+                print(f"\n{up[-1][0].banner}", flush=True)
+                run_load(up[-1][0].url, draw_requests(args, 0, args.warmup), args.warmup)
+            # the SLA, from single requests on an idle fresh server (prefill-first: a prompt is one forward)
+            calib = Server(ckpt, "prefill-first", args.token_budget, args, tmp)
             try:
-                run_load(server.url, draw_requests(args, 0, args.warmup), args.warmup)
-                for clients in client_counts:
+                run_load(calib.url, draw_requests(args, 0, args.warmup), args.warmup)
+                sla = calibrate(calib.url, args)
+            finally:
+                servers.append(calib.stop())
+            print(f"\ncalibration ({sla['requests']} single requests, {args.prompt_mean} prompt tokens, {args.gen_mean} "
+                  f"new): TTFT median {sla['ttft_median_s'] * 1e3:.1f} ms = {sla['prefill_s_per_token'] * 1e3:.3f} ms per "
+                  f"prompt token; decode {sla['decode_tokens_per_s']:.1f} tok/s", flush=True)
+            result["sla"] = sla
+            for k, clients in enumerate(sorted({c for _, _, cs in plan for c in cs})):
+                here = [(server, cs) for server, cs in up if clients in cs]
+                here = here[k % len(here):] + here[:k % len(here)]
+                for server, _ in here:
+                    policy, budget = server.policy, server.budget
                     n = requests_for(args, policy, clients)
                     records, wall = run_load(server.url, draw_requests(args, clients, n), clients)
                     for r in records:
                         r.update(policy=policy, token_budget=budget, clients=clients)
                         judge(r, sla)
-                    cell = {"policy": policy, "token_budget": budget, "clients": clients, "summary": summarize(records, wall),
-                            "records": sorted(records, key=lambda r: r["start"])}
+                    cell = {"policy": policy, "token_budget": budget, "clients": clients, "order": len(cells),
+                            "summary": summarize(records, wall), "records": sorted(records, key=lambda r: r["start"])}
                     cells.append(cell)
                     s = cell["summary"]
-                    print(f"  {clients:>2} clients: {n} requests in {wall:.1f} s, {s['requests_per_s']:.2f} req/s, "
-                          f"TTFT p95 {s['ttft_p95_s']:.3f} s, gap p95 {fmt(s['gap_p95_ms'], '.1f')} ms, SLA met "
-                          f"{s['sla_ok']}/{n}, errors {s['errors']}, incomplete {s['incomplete']}", flush=True)
-            finally:
+                    print(f"  {policy} (budget {budget}), {clients:>2} clients: {n} requests in {wall:.1f} s, "
+                          f"{s['requests_per_s']:.2f} req/s, TTFT p95 {fmt(s['ttft_p95_s'], '.3f')} s, gap p95 "
+                          f"{fmt(s['gap_p95_ms'], '.1f')} ms, SLA met {s['sla_ok']}/{n}, errors {s['errors']}, "
+                          f"incomplete {s['incomplete']}", flush=True)
+        finally:
+            for server, _ in up:
                 servers.append(server.stop())
-                print(f"  server stopped: exit code {servers[-1]['exit_code']}", flush=True)
+                print(f"server {server.policy} (budget {server.budget}) stopped: exit code {servers[-1]['exit_code']}",
+                      flush=True)
+        cells.sort(key=lambda c: (POLICIES.index(c["policy"]), c["token_budget"] != args.token_budget,
+                                  c["token_budget"], c["clients"]))
 
     print_table(cells, sla)
     result["splitfuse_vs_prefill_first"] = print_ratios(cells, args.token_budget)

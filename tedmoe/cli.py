@@ -1,4 +1,4 @@
-"""The ``tedmoe`` command: train, generate, serve, export, plot, data, plan, demo. Thin: the work lives in the library."""
+"""The ``tedmoe`` command: train, generate, serve, export, compress, plot, data, plan, demo. Thin: the work lives in the library."""
 
 from __future__ import annotations
 
@@ -100,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--token-budget", type=POSITIVE_INT, default=256, help="tokens per forward (SplitFuse)")
     sv.add_argument("--max-seqs", type=POSITIVE_INT, default=32, help="sequences per forward")
     _engine_options(sv)
+
+    cp = sub.add_parser("compress", help="write a compressed model: weights as INT8 or INT4 integers (group-wise "
+                        "scales), computed by integer kernels when served")
+    cp.add_argument("ckpt", help="a run, a checkpoint or a Hugging Face directory")
+    cp.add_argument("--method", required=True, choices=("int8", "int4", "zeroquant"), help="int8 / int4: weight-only; "
+                    "zeroquant: INT8 weights and token-wise INT8 activations (W8A8)")
+    cp.add_argument("--group-size", type=POSITIVE_INT, default=128, help="input columns per scale (default: %(default)s)")
+    cp.add_argument("--out", required=True, help="a new directory (an existing one is refused)")
 
     ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (Mixtral, or "
                         "Qwen3-MoE for models with model.qk_norm)")
@@ -286,6 +294,26 @@ def _serve(args, argv: list[str]) -> int:
     return _on_engine(args, argv, leader, stop_is_clean=True)
 
 
+def _compress(args) -> int:
+    from pathlib import Path
+
+    from tedmoe.compress import model as compressed
+    from tedmoe.inference.generate import load_model
+
+    if compressed.is_compressed(args.ckpt):
+        raise ValueError(f"{args.ckpt} is compressed already ({compressed.read_meta(args.ckpt)['method']}); "
+                         "compress the float run or Hugging Face directory it came from")
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} exists; compress into a new directory (nothing is overwritten)")
+    model, tok = load_model(args.ckpt)
+    report = compressed.save(model.state_dict(), model.config, args.method, args.group_size, args.out, tok,
+                             source=str(Path(args.ckpt).resolve()))
+    print(f"wrote {args.out}: {report['quantized_tensors']} weights as {args.method} (group {args.group_size}); "
+          f"{report['bytes_on_disk'] / 2**20:,.2f} MiB on disk, {report['ratio']:.2f}x smaller than fp32 "
+          f"({report['fp32_bytes'] / 2**20:,.2f} MiB)")
+    return 0
+
+
 def _export(args) -> int:
     from pathlib import Path
 
@@ -369,6 +397,8 @@ def _run(args, argv: list[str]) -> int:
         return _plan(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "compress":
+        return _compress(args)
     if args.command == "plot":
         from tedmoe.runtime.plots import plot_run
 

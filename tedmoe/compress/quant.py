@@ -25,8 +25,9 @@ INT4_GROUPS = (32, 64, 128, 256)  # group sizes the CPU INT4 kernel takes
 def check_group_size(K: int, group_size: int, bits: int, name: str = "weight") -> None:
     """``ValueError`` naming the fix when ``group_size`` does not fit a weight with ``K`` inputs."""
     if group_size < 1 or K % group_size:
-        raise ValueError(f"group size {group_size} does not divide {name}'s {K} input columns; pick a divisor of {K} "
-                         "(e.g. 32, 64, 128)")
+        fits = [d for d in (32, 64, 128, 256) if K % d == 0]
+        raise ValueError(f"group size {group_size} does not divide {name}'s {K} input columns; pick a divisor of {K}"
+                         + (f" ({', '.join(map(str, fits))})" if fits else ""))
     if bits == 4 and group_size not in INT4_GROUPS:
         raise ValueError(f"group size {group_size}: the INT4 kernel takes {', '.join(map(str, INT4_GROUPS))}")
     if bits == 4 and K % 2:

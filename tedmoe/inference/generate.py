@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from tedmoe.config import from_dict
+from tedmoe.config.loader import model_config_from_dict
 from tedmoe.data.tokenizer import load_tokenizer
 from tedmoe.inference.engine import InferenceEngine, inference_config
 from tedmoe.inference.sampling import SamplingParams, sample
@@ -49,7 +50,11 @@ def is_hf_directory(path: str | Path) -> bool:
 
 
 def model_config_of(path: str | Path):
-    """The ``ModelConfig`` of a run, a checkpoint or a Hugging Face directory, without its weights."""
+    """The ``ModelConfig`` of a run, a checkpoint, a Hugging Face or a compressed directory, without its weights."""
+    from tedmoe.compress import model as compressed
+
+    if compressed.is_compressed(path):
+        return model_config_from_dict(compressed.read_meta(path)["model"])
     if is_hf_directory(path):
         from tedmoe.interop import hf
 
@@ -59,11 +64,18 @@ def model_config_of(path: str | Path):
 
 def load_model(path: str | Path, topology: Topology | None = None, routing: str | None = None,
                device=None) -> tuple[GPTMoE, object]:
-    """A run, a checkpoint or a Hugging Face directory as a model in eval mode (one process, or
+    """A run, a checkpoint, a Hugging Face or a compressed directory as a model in eval mode (one process, or
     this rank's shards of ``topology``, each rank reading only its slices), and its tokenizer.
     ``routing``: ``None`` keeps the trained config; ``dropless`` / ``training`` as
     ``inference_config``."""
+    from tedmoe.compress import model as compressed
+
     topology = topology or Topology.single()
+    if compressed.is_compressed(path):  # integer weights, computed by integer kernels
+        cfg = model_config_of(path)
+        model = GPTMoE(cfg if routing is None else inference_config(cfg, routing), topology, device=device)
+        compressed.load_into(model, path)
+        return model.eval(), load_tokenizer(path)
     if is_hf_directory(path):
         from tedmoe.interop import hf
 

@@ -63,12 +63,15 @@ class GroupedExperts(nn.Module):
             if p is not None:
                 nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
                 mark(p, tp_dim=TP_DIMS[name], ep_dim=0)
+        self.quantized = None
 
     @property
     def num_local_experts(self) -> int:
         return self.w1.shape[0]
 
     def forward(self, x_LTH: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:  # integer weights (tedmoe.compress), one expert at a time
+            return self.quantized(x_LTH)
         if self.w3 is None:
             return _GeluMLP.apply(x_LTH, self.w1, self.w2)  # partial sum over tp
         h = F.silu(torch.bmm(x_LTH, self.w1)) * torch.bmm(x_LTH, self.w3)

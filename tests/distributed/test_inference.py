@@ -69,3 +69,28 @@ def test_layouts_serve_the_single_process_logits_and_tokens(world, request):
             torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"tp={tp} ep={ep} forward {step}: {m}")
         assert outs == reference[1], f"tp={tp} ep={ep}"
         assert free == 32
+
+
+def compressed_logits(path, x):
+    from tedmoe.inference.generate import load_model
+
+    model, _ = load_model(path, Topology(4, tp=2, ep=2), routing="dropless")
+    return model.logits(x)
+
+
+def test_compressed_models_load_into_layouts_with_the_one_process_logits(world4, tmp_path):
+    """INT8 and INT4 directories sliced per rank (rows or columns over tp, experts over ep) give
+    the logits of the same directory in one process."""
+    from tedmoe.compress import model as compressed
+    from tedmoe.data.tokenizer import ByteTokenizer
+    from tedmoe.inference.generate import load_model
+    from tests.unit.test_compress import float_model
+
+    model = float_model()
+    x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(6))
+    for method in ("int8", "int4"):
+        path = tmp_path / method
+        compressed.save(model.state_dict(), model.config, method, 32, path, ByteTokenizer())
+        want = load_model(path, routing="dropless")[0].logits(x)
+        for rank, got in enumerate(world4.run(compressed_logits, str(path), x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{method} rank {rank}: {m}")

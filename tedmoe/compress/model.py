@@ -1,0 +1,231 @@
+"""Compressed models: which weights become integers, the compressed directory's format, and
+loading it into any TP x EP layout where the integer kernels compute in place of the float
+products.
+
+Quantised: every linear weight of the blocks (attention q, k, v, o; dense MLPs; Residual-MoE's
+branch) and every expert weight. Kept as they are: embeddings, the output head, norms and routers
+(small, and where rounding costs the most quality).
+
+A compressed directory holds ``model.safetensors`` and ``compression.json`` (format marker,
+method, bits, group size, the model config and the names quantised) and the tokenizer. A
+quantised linear weight ``NAME`` ``[N, K]`` is stored as ``NAME.qweight`` (int8 ``[N, K]``, or for
+INT4 uint8 ``[N, K / 2]``, two values per byte) and ``NAME.scales`` (fp32 ``[N, K / g]``); expert
+weights as one such matrix per expert, stacked: ``[E, N, K]`` in the ``nn.Linear`` layout (ours
+``w1``/``w3`` are ``[E, H, F]``, so N = F, K = H; ``w2`` gives N = H, K = F).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tedmoe.compress import quant
+from tedmoe.config import ModelConfig
+
+FORMAT = "tedmoe-compressed"
+METHODS = {"int8": (8, False), "int4": (4, False), "zeroquant": (8, True)}  # bits, INT8 activations (W8A8)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; use one of {', '.join(METHODS)}")
+
+
+def is_compressed(path: str | Path) -> bool:
+    return (Path(path) / "compression.json").is_file()
+
+
+def quantized_weights(model) -> dict[str, str]:
+    """Name of every weight to quantise -> ``linear`` (an ``[N, K]`` weight) or ``expert`` (ours)."""
+    from tedmoe.moe.experts import GroupedExperts
+    from tedmoe.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and name != "head":
+            out[f"{name}.weight"] = "linear"
+        elif isinstance(module, GroupedExperts):
+            out.update({f"{name}.{w}": "expert" for w in ("w1", "w2", "w3") if getattr(module, w) is not None})
+    return out
+
+
+def _as_linear(t: torch.Tensor) -> torch.Tensor:
+    """An expert weight (ours: ``[E, K, N]``, for ``x @ w``) in the ``nn.Linear`` layout ``[E, N, K]``."""
+    return t.transpose(1, 2)
+
+
+def _stored(q: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return q
+    return quant.pack_int4(q.reshape(-1, q.shape[-1])).reshape(*q.shape[:-1], q.shape[-1] // 2)
+
+
+def _unstored(t: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return t
+    return quant.unpack_int4(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], t.shape[-1] * 2)
+
+
+def compress_state(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str,
+                   group_size: int) -> dict[str, torch.Tensor]:
+    """A full (single-process) float state dict -> the compressed directory's tensors."""
+    from tedmoe.model.transformer import GPTMoE
+    from tedmoe.parallel.topology import Topology
+
+    check_method(method)
+    bits = METHODS[method][0]
+    kinds = quantized_weights(GPTMoE(cfg, Topology.single(), device="meta"))
+    out = {}
+    for name, t in state.items():
+        kind = kinds.get(name)
+        if kind is None:
+            out[name] = t.detach().contiguous()
+            continue
+        w = t if kind == "linear" else _as_linear(t)
+        quant.check_group_size(w.shape[-1], group_size, bits, name)
+        pairs = [quant.quantize(m, bits, group_size) for m in (w if kind == "expert" else w[None])]
+        q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        if kind == "linear":
+            q, s = q[0], s[0]
+        out[f"{name}.qweight"], out[f"{name}.scales"] = _stored(q, bits).contiguous(), s.contiguous()
+    return out
+
+
+def save(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str, group_size: int, out: str | Path,
+         tokenizer=None, source: str = "") -> dict:
+    """Compress a full float state dict into the new directory ``out`` (through a temporary
+    directory and a rename; an existing ``out`` is refused). Returns the size report."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists; compress into a new directory (nothing is overwritten)")
+    tensors = compress_state(state, cfg, method, group_size)  # refuses a bad group size before writing
+    quantized = sorted(n[:-len(".qweight")] for n in tensors if n.endswith(".qweight"))
+    bits, w8a8 = METHODS[method]
+    float_bytes = sum(t.numel() * 4 for t in state.values())
+    meta = {"format": FORMAT, "method": method, "bits": bits, "group_size": group_size,
+            "activations": "int8 per token" if w8a8 else "float", "source": source,
+            "model": dataclasses.asdict(cfg), "quantized": quantized}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "compression.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        raise
+    disk = (out / "model.safetensors").stat().st_size
+    return {"method": method, "group_size": group_size, "bytes_on_disk": disk, "fp32_bytes": float_bytes,
+            "ratio": float_bytes / disk, "quantized_tensors": len(quantized)}
+
+
+def read_meta(path: str | Path) -> dict:
+    meta = json.loads((Path(path) / "compression.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/compression.json is not a tedmoe compressed model")
+    return meta
+
+
+class QuantLinear(nn.Module):
+    """``x W^T (+ b)`` with ``W`` an integer matrix in the kernels' layout (built once, at load)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, method: str, group_size: int):
+        super().__init__()
+        self.method, self.group_size = method, group_size
+        self.out_features = q.shape[0]
+        if method == "int4":
+            kq, sz = quant.int4_kernel_weight(quant.pack_int4(q), scales)
+            self.register_buffer("kernel_q", kq, persistent=False)
+            self.register_buffer("sz", sz, persistent=False)
+        else:
+            qg, sg = quant.by_group(q, scales, transpose=method == "zeroquant")
+            self.register_buffer("kernel_q", qg, persistent=False)
+            self.register_buffer("sz", sg, persistent=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.method == "int4":
+            y = quant.int4_linear(x, self.kernel_q, self.sz, self.group_size)
+        elif self.method == "zeroquant":
+            y = quant.w8a8_linear(x, self.kernel_q, self.sz)
+        else:
+            y = quant.int8_linear(x, self.kernel_q, self.sz)
+        return y if bias is None else y + bias
+
+
+class QuantExperts(nn.Module):
+    """The local experts with integer weights: each expert's rows through its own products."""
+
+    def __init__(self, w1: list[QuantLinear], w3: list[QuantLinear] | None, w2: list[QuantLinear]):
+        super().__init__()
+        self.w1, self.w2 = nn.ModuleList(w1), nn.ModuleList(w2)
+        self.w3 = nn.ModuleList(w3) if w3 is not None else None
+
+    def forward(self, x_LTH: torch.Tensor) -> torch.Tensor:
+        out = []
+        for e, x in enumerate(x_LTH):
+            h = self.w1[e](x)
+            h = F.gelu(h) if self.w3 is None else F.silu(h) * self.w3[e](x)
+            out.append(self.w2[e](h))
+        return torch.stack(out) if out else x_LTH.new_zeros(0, *x_LTH.shape[1:])
+
+
+def load_into(model, path: str | Path) -> dict:
+    """Fill ``model`` (a ``GPTMoE`` of any TP x EP layout built from the directory's config) from a
+    compressed directory: float tensors sliced as usual, integer weights sliced per rank (rows
+    or columns over tp, experts over ep) and set up for the kernels; their float parameters are
+    removed. Returns the directory's ``compression.json``."""
+    from safetensors.torch import load_file
+
+    from tedmoe.parallel import comm
+    from tedmoe.parallel.sharding import shard_of, tp_dim
+
+    meta = read_meta(path)
+    method, g, bits = meta["method"], meta["group_size"], meta["bits"]
+    tensors = load_file(str(Path(path) / "model.safetensors"))
+    kinds = quantized_weights(model)
+    tp, ep = model.topology.axis("tp"), model.topology.axis("ep")
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    experts: dict[str, dict[str, list[QuantLinear]]] = {}
+    with torch.no_grad():
+        for name, p in params.items():
+            if name not in kinds:
+                p.copy_(shard_of(tensors[name].to(p.dtype), p, model.topology))
+                continue
+            q, s = _unstored(tensors[f"{name}.qweight"], bits), tensors[f"{name}.scales"]
+            if kinds[name] == "expert":  # this rank's experts; tp splits w1/w3 by rows (F), w2 by columns (F)
+                q, s = comm.local_slice(q, ep, 0), comm.local_slice(s, ep, 0)
+                split = 1 if name.endswith(("w1", "w3")) else 2
+            else:  # column-parallel layers split rows (N), row-parallel ones columns (K)
+                split = 0 if tp_dim(p) == 0 else 1
+            if tp.size > 1:
+                if split == q.dim() - 1 and s.shape[-1] % tp.size:
+                    raise ValueError(f"{name}: group size {g} does not divide the {q.shape[-1] // tp.size} input columns "
+                                     f"each of tp={tp.size} ranks holds; compress with a smaller group size or use "
+                                     "a smaller tp")
+                q, s = comm.local_slice(q, tp, split), comm.local_slice(s, tp, split)
+            module_name, attr = name.rsplit(".", 1)
+            if kinds[name] == "linear":
+                modules[module_name].quantized = QuantLinear(q.contiguous(), s.contiguous(), method, g)
+            else:
+                experts.setdefault(module_name, {})[attr] = [QuantLinear(q[e].contiguous(), s[e].contiguous(), method, g)
+                                                             for e in range(q.shape[0])]
+    for name in kinds:  # the float weights go; the integers compute in their place
+        module_name, attr = name.rsplit(".", 1)
+        del modules[module_name]._parameters[attr]
+    for module_name, ws in experts.items():
+        modules[module_name].quantized = QuantExperts(ws["w1"], ws.get("w3"), ws["w2"])
+    return meta
