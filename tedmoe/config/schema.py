@@ -268,6 +268,36 @@ class DataConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Quantisation-aware training and sparsity (``tedmoe.compress.qat``); post-training
+    compression is ``tedmoe compress``."""
+
+    method: Literal["none", "binary", "ternary", "nm"] = "none"
+    """``binary`` (1-bit, scale mean|w| per row), ``ternary`` (threshold 0.7 mean|w|), ``nm`` (N:M
+    sparsity by magnitude) weights in the forward, straight-through gradients; ``none`` disables."""
+    n: PosInt = 2
+    """N of N:M: weights kept in every group of M consecutive inputs."""
+    m: PosInt = 4
+    """M of N:M."""
+    refresh_every: PosInt = 100
+    """Steps between recomputations of the N:M masks."""
+
+    def validate(self, model: ModelConfig | None = None, tp: int = 1) -> None:
+        check_fields(self, "compress.")
+        if self.n > self.m:
+            raise ValueError(f"compress.n={self.n} exceeds compress.m={self.m}; N:M keeps N of every M weights")
+        if self.method == "nm" and model is not None:  # groups of m inputs must not straddle two TP ranks
+            inputs = {"model.hidden_size": model.hidden_size,
+                      "heads x head size / tp": model.num_heads * model.head_size // tp,
+                      "model.ffn_hidden_size / tp": model.ffn_hidden_size // tp,
+                      "model.moe.ffn_hidden_size / tp": model.moe.ffn_hidden_size // tp}
+            for what, k in inputs.items():
+                if k % self.m:
+                    raise ValueError(f"N:M groups of m={self.m} must divide the {k} input columns each rank holds "
+                                     f"({what}); pick m dividing {k} or a smaller tp")
+
+
+@dataclass
 class RunConfig:
     """Everything ``tedmoe train`` needs. Loadable from TOML; ``--set key=value`` overrides."""
 
@@ -279,6 +309,8 @@ class RunConfig:
     """Degrees and launch."""
     data: DataConfig = field(default_factory=DataConfig)
     """Tokens."""
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    """Quantisation-aware training and sparsity."""
     out_dir: str = "runs/default"
     """Run directory: metrics, checkpoints, plots, exports."""
     seed: Seed = 0
@@ -323,6 +355,7 @@ class RunConfig:
         if self.seq_len % dims.sp:
             raise ValueError(f"seq_len={self.seq_len} is not divisible by sp={dims.sp}; use a multiple of {dims.sp}")
         self.train.validate()
+        self.compress.validate(self.model, dims.tp)
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}; "
                              f"raise model.max_seq_len or shorten seq_len")

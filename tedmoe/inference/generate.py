@@ -87,9 +87,16 @@ def load_model(path: str | Path, topology: Topology | None = None, routing: str 
         hf.load_into(model, path)
         return model.eval(), load_tokenizer(path)
     ckpt = resolve_checkpoint(path)
-    cfg = from_dict(read_meta(ckpt)["config"]).model
+    run = from_dict(read_meta(ckpt)["config"])
+    cfg = run.model
     model = GPTMoE(cfg if routing is None else inference_config(cfg, routing), topology, device=device)
     load_model_weights(ckpt, model, topology)
+    if run.compress.method != "none":  # trained with binary/ternary/N:M weights: use them as the forward did
+        from tedmoe.compress import qat
+
+        c = run.compress
+        qat.apply(model, c.method, c.n, c.m, c.refresh_every)
+        qat.bake(model)
     return model.eval(), load_tokenizer(ckpt)
 
 

@@ -63,7 +63,8 @@ class GroupedExperts(nn.Module):
             if p is not None:
                 nn.init.uniform_(p, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
                 mark(p, tp_dim=TP_DIMS[name], ep_dim=0)
-        self.quantized = None
+        self.quantized = None  # integer weights (tedmoe.compress) in place of the float ones
+        self.weight_transforms = None  # quantisation-aware training (tedmoe.compress.qat)
 
     @property
     def num_local_experts(self) -> int:
@@ -72,10 +73,13 @@ class GroupedExperts(nn.Module):
     def forward(self, x_LTH: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:  # integer weights (tedmoe.compress), one expert at a time
             return self.quantized(x_LTH)
+        t = self.weight_transforms or {}
+        w1, w2 = (t[n](w) if n in t else w for n, w in (("w1", self.w1), ("w2", self.w2)))
         if self.w3 is None:
-            return _GeluMLP.apply(x_LTH, self.w1, self.w2)  # partial sum over tp
-        h = F.silu(torch.bmm(x_LTH, self.w1)) * torch.bmm(x_LTH, self.w3)
-        return torch.bmm(h, self.w2)  # partial sum over tp
+            return _GeluMLP.apply(x_LTH, w1, w2)  # partial sum over tp
+        w3 = t["w3"](self.w3) if "w3" in t else self.w3
+        h = F.silu(torch.bmm(x_LTH, w1)) * torch.bmm(x_LTH, w3)
+        return torch.bmm(h, w2)  # partial sum over tp
 
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
         """Copy this rank's shard out of full ``[E, ...]`` weights."""

@@ -54,6 +54,7 @@ class ColumnParallelLinear(nn.Module):
         mark(self.weight, tp_dim=0)
         mark(self.bias, tp_dim=0)
         self.quantized = None  # an integer weight (tedmoe.compress) computing x W^T in its place
+        self.weight_transforms = None  # quantisation-aware training: the forward's weight (tedmoe.compress.qat)
 
     @classmethod
     def from_full(cls, full: nn.Linear, axis: Axis, gather_output: bool = False) -> ColumnParallelLinear:
@@ -68,7 +69,11 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:  # off when the caller entered the region once for several layers
             x = comm.copy_to_region(x, self.axis)
-        y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x, self.bias)
+        if self.quantized is not None:
+            y = self.quantized(x, self.bias)
+        else:
+            w = self.weight if self.weight_transforms is None else self.weight_transforms["weight"](self.weight)
+            y = F.linear(x, w, self.bias)
         return comm.gather_split(y, self.axis, -1) if self.gather_output else y
 
     def full_weight(self, shard: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,6 +107,7 @@ class RowParallelLinear(nn.Module):
         mark(self.weight, tp_dim=1)
         mark(self.bias)
         self.quantized = None  # an integer weight (tedmoe.compress) computing x W^T in its place
+        self.weight_transforms = None  # quantisation-aware training: the forward's weight (tedmoe.compress.qat)
 
     @classmethod
     def from_full(cls, full: nn.Linear, axis: Axis, input_is_parallel: bool = True,
@@ -117,7 +123,10 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = comm.split_along(x, self.axis, -1)
-        y = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
+        if self.quantized is not None:
+            y = self.quantized(x)
+        else:
+            y = F.linear(x, self.weight if self.weight_transforms is None else self.weight_transforms["weight"](self.weight))
         if not self.reduce_output:
             return y
         y = comm.reduce_from_region(y, self.axis)

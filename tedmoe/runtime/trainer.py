@@ -231,6 +231,12 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
         from tedmoe.interop import hf
 
         hf.load_into(model, cfg.init_from)  # each rank reads its own slices
+    transforms = []
+    if cfg.compress.method != "none":  # quantisation-aware training / N:M sparsity
+        from tedmoe.compress import qat
+
+        c = cfg.compress
+        transforms = qat.apply(model, c.method, c.n, c.m, c.refresh_every)
     apply_checkpointing(model, cfg.train.checkpointing)
     engine = Engine(model, topo, cfg.train)
     sampler = BatchSampler(train_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
@@ -263,6 +269,8 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
     try:
         for step in range(start + 1, last + 1):
             launch.beat(step)
+            for t in transforms:
+                t.step = step - 1
             faults.maybe_fail("step", rank, step)
             engine.poison_next_step = faults.active("nan", rank, step)
             t0 = time.perf_counter()
@@ -337,6 +345,10 @@ def export(model, topo: Topology, cfg: RunConfig, out: Path) -> Path:
     from safetensors.torch import save_file
 
     state = full_state_dict(model, topo)
+    if cfg.compress.method != "none":  # the weights the forward uses (binary, ternary, masked)
+        from tedmoe.compress import qat
+
+        state = qat.effective_state(model, state, topo)
     path = out / "model.safetensors"
     if topo.rank == 0:
         tmp = out / "model.safetensors.tmp"

@@ -97,3 +97,27 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is compressed already (int8); compress the float run" in err[0]
     assert not (tmp_path / "e").exists()
+
+
+def test_train_with_ternary_weights_then_serve_them(tmp_path, monkeypatch, capsys):
+    """``tedmoe train --set compress.method=ternary``: the saved run loads with the ternary weights
+    the forward used (each row: -a, 0 or a), and its export holds them too."""
+    from tedmoe.cli import main
+
+    monkeypatch.setenv("TEDMOE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--nproc", "1", "--out", str(out), "--set", "train.max_steps=3",
+                 "--set", "compress.method=ternary", "--set", "progress=false"]) == 0
+    model, _ = load_model(out)
+    w = model.blocks[0].attn.q.weight
+    for row in w:
+        assert len(torch.unique(row.abs())) <= 2 and (row == 0).any()
+    exported = load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(exported["blocks.0.attn.q.weight"], w)
+    capsys.readouterr()
+    for override, message in (("compress.n=5", "compress.n=5 exceeds compress.m=4"),
+                              ("compress.m=5", "N:M groups of m=5 must divide the")):
+        code = main(["train", "--preset", "tiny", "--nproc", "1", "--out", str(tmp_path / "bad"), "--set",
+                     "compress.method=nm", "--set", override])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], err
