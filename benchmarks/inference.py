@@ -8,8 +8,10 @@ Reproduce:  .venv/bin/python benchmarks/inference.py            (~290M parameter
             .venv/bin/python benchmarks/inference.py --ragged   (prompt lengths 128 +-30%; transformers gets
                                                                  left padding and an attention mask)
             .venv/bin/python benchmarks/inference.py --quick    (a small model, batches 1 and 4: a smoke run)
+            .venv/bin/python benchmarks/inference.py --threads 1   (see the last paragraph)
 
-Single process, fp32, torch threads = the machine's cores for every contender, no gradients.
+Single process, fp32, torch threads = the machine's cores (``--threads``) for every contender, no
+gradients.
 Prompts are random token ids (the same in every round). Each contender prefills its B prompts in
 one forward, then decodes N new tokens greedily, one forward per token (argmax of the logits):
 
@@ -51,6 +53,13 @@ the rest of ``put`` (Python bookkeeping of the block tables) + argmax; and (unle
 of transformers (loop) at ``--profile-batches``. The 1-minute load average is recorded with every
 unit (other work on the machine shows there). Prints tables and writes
 benchmarks/results/inference-<date>.json (all raw timings, per step, and the medians).
+
+On a machine whose cores other processes share, a torch op that runs on all the cores waits
+whenever one of its threads is descheduled (a scheduler slice, milliseconds), so a decode step
+then costs about its number of parallel ops times a slice, whatever their size: rounds differ by
+up to 7x, and the contender with fewer ops per step looks better (transformers' grouped_mm on CPU
+runs one ``mm`` per expert). The load column shows when that happened; ``--threads 1`` measures
+the work itself, steadier there.
 """
 
 from __future__ import annotations
@@ -338,7 +347,7 @@ def median(xs):
 
 def main() -> int:
     args = parse_args()
-    torch.set_num_threads(cores())
+    torch.set_num_threads(args.threads or cores())
     torch.manual_seed(0)
     cfg = model_config(args)
     counts = count_parameters(cfg)
@@ -522,9 +531,9 @@ def summarize(raw: dict, have_hf: bool) -> list[dict]:
 
 
 def print_table(args, rows: list[dict], have_hf: bool) -> None:
-    print(f"\nmedians of the rounds; 'vs transformers' = median over rounds of the ratio within a round to "
-          f"transformers (loop); [min-max] over rounds; 'step pairs' = median of its step time / ours over adjacent "
-          f"decode steps")
+    print("\nmedians of the rounds; 'vs transformers' = median over rounds of the ratio within a round to "
+          "transformers (loop); [min-max] over rounds; 'step pairs' = median of its step time / ours over adjacent "
+          "decode steps")
     head = f"| {'B':>3} | {'contender':<36} | {'prompt tok/s':>12} | {'decode tok/s':>12} | {'ms/fwd':>8} |"
     if have_hf:
         head += f" {'prompt vs tf':>12} | {'decode vs tf [min-max]':>22} | {'step pairs':>10} |"
@@ -566,6 +575,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--recompute-batches", type=int, nargs="*", default=[1],
                    help="batch sizes at which the old recompute generate runs (default 1; none: skip it)")
     p.add_argument("--recompute-tokens", type=int, help="its new tokens (default 8; quick 4)")
+    p.add_argument("--threads", type=int, help="torch threads for every contender (default: the machine's cores)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-transformers", action="store_true", help="ours and recompute only")

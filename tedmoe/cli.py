@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", help="the model id the API reports (default: the directory's name)")
     sv.add_argument("--policy", choices=("splitfuse", "prefill-first", "static"), default="splitfuse",
                     help="scheduling: Dynamic SplitFuse (default), prefill-first continuous batching, static batches")
-    sv.add_argument("--token-budget", type=POSITIVE_INT, default=256, help="tokens per forward (SplitFuse)")
+    sv.add_argument("--token-budget", type=POSITIVE_INT, default=512, help="tokens per forward (SplitFuse; "
+                    "default: %(default)s, the best of 128/256/512 in benchmarks/serving.py on a 2-core CPU)")
     sv.add_argument("--max-seqs", type=POSITIVE_INT, default=32, help="sequences per forward")
     _engine_options(sv)
 

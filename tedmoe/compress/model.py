@@ -173,13 +173,18 @@ class QuantExperts(nn.Module):
         self.w1, self.w2 = nn.ModuleList(w1), nn.ModuleList(w2)
         self.w3 = nn.ModuleList(w3) if w3 is not None else None
 
-    def forward(self, x_LTH: torch.Tensor) -> torch.Tensor:
-        out = []
-        for e, x in enumerate(x_LTH):
-            h = self.w1[e](x)
-            h = F.gelu(h) if self.w3 is None else F.silu(h) * self.w3[e](x)
-            out.append(self.w2[e](h))
-        return torch.stack(out) if out else x_LTH.new_zeros(0, *x_LTH.shape[1:])
+    def forward(self, x_LTH: torch.Tensor, rows_L: list[int] | None = None) -> torch.Tensor:
+        """As ``GroupedExperts.forward``: with ``rows_L`` only each expert's real rows are computed."""
+        L, T, _ = x_LTH.shape
+        out = (x_LTH.new_zeros if rows_L is None else x_LTH.new_empty)(L, T, self.w2[0].out_features)
+        for e in range(L):
+            r = T if rows_L is None else rows_L[e]
+            if r:
+                x = x_LTH[e, :r]
+                h = self.w1[e](x)
+                h = F.gelu(h) if self.w3 is None else F.silu(h) * self.w3[e](x)
+                out[e, :r] = self.w2[e](h)
+        return out
 
 
 def load_into(model, path: str | Path) -> dict:

@@ -132,7 +132,8 @@ def generate_batch(engine: InferenceEngine, prompts: list[list[int]], max_new_to
                    params: SamplingParams, seed: int = 0) -> list[list[int]]:
     """Continue every prompt by ``max_new_tokens`` tokens on the engine (leader rank): one forward
     takes all prompts, then each forward one new token of every sequence. Sequence i samples from
-    its own generator seeded ``seed + i``. A sequence stops at ``max_seq_len``."""
+    its own generator seeded ``seed + i``. A sequence stops at ``max_seq_len``, or when the KV cache
+    has no block left for it (earlier sequences first)."""
     for p in prompts:
         check_prompt(p, engine.config.vocab_size)
     params.validate()
@@ -148,7 +149,11 @@ def generate_batch(engine: InferenceEngine, prompts: list[list[int]], max_new_to
             logits = engine.put(live, chunks)
             for uid, row in zip(live, logits):
                 out[uid].append(sample(row, params, gens[uid]))
-            live = [u for u in live if len(out[u]) < engine.config.max_seq_len and engine.can_schedule([u], [1])]
+            go = []  # continue while the cache holds the next token of all of them together
+            for u in live:
+                if len(out[u]) < engine.config.max_seq_len and engine.can_schedule(go + [u], [1] * (len(go) + 1)):
+                    go.append(u)
+            live = go
             if not live:
                 break
             chunks = [[out[u][-1]] for u in live]

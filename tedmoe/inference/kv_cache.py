@@ -110,16 +110,17 @@ def attend(q_NhD: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cach
     gqa = q_NhD.shape[1] != G
     if len(batch.decode_rows):
         S, nb = batch.decode_tables.shape
-        k = k_cache[batch.decode_tables].view(S, nb * b, G, D).transpose(1, 2)  # [S, G, L, D]
-        v = v_cache[batch.decode_tables].view(S, nb * b, G, D).transpose(1, 2)
+        flat = batch.decode_tables.reshape(-1)  # index_select: several times faster than k_cache[tables]
+        k = k_cache.index_select(0, flat).view(S, nb * b, G, D).transpose(1, 2)  # [S, G, L, D]
+        v = v_cache.index_select(0, flat).view(S, nb * b, G, D).transpose(1, 2)
         q = q_NhD[batch.decode_rows].unsqueeze(2)  # [S, h, 1, D]
         mask = (torch.arange(nb * b, device=q.device)[None, :] < batch.decode_context[:, None])[:, None, None, :]
         y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         out[batch.decode_rows] = y.squeeze(2)
     for p in batch.prefills:
         nb = len(p.table)
-        k = k_cache[p.table].view(nb * b, G, D)[:p.context].transpose(0, 1).unsqueeze(0)  # [1, G, ctx, D]
-        v = v_cache[p.table].view(nb * b, G, D)[:p.context].transpose(0, 1).unsqueeze(0)
+        k = k_cache.index_select(0, p.table).view(nb * b, G, D)[:p.context].transpose(0, 1).unsqueeze(0)  # [1, G, ctx, D]
+        v = v_cache.index_select(0, p.table).view(nb * b, G, D)[:p.context].transpose(0, 1).unsqueeze(0)
         q = q_NhD[p.start:p.start + p.length].transpose(0, 1).unsqueeze(0)  # [1, h, len, D]
         if p.context == p.length:  # a whole prompt: plain causal
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -74,7 +74,7 @@ class StepResult:
 class Scheduler:
     """Feeds ``engine`` (an ``InferenceEngine`` on the leader rank) by ``policy``."""
 
-    def __init__(self, engine, policy: str = "splitfuse", token_budget: int = 256, max_seqs: int = 32):
+    def __init__(self, engine, policy: str = "splitfuse", token_budget: int = 512, max_seqs: int = 32):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: use one of {', '.join(POLICIES)}")
         if token_budget < 1 or max_seqs < 1:
@@ -194,7 +194,7 @@ class Scheduler:
                 plan.append((r, n))
                 budget -= n
         reserved = sum(self.engine.blocks_needed(r.uid, n) for r, n in plan)
-        while self.waiting and budget > 0 and len(plan) < self.max_seqs:
+        while self.waiting and budget > 0 and len(plan) < self.max_seqs and len(self.running) < self.max_seqs:
             r = self.waiting[0]
             if not self._admissible(r, reserved):
                 break  # first come, first served: wait for blocks rather than let later requests pass

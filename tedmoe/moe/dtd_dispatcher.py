@@ -42,6 +42,7 @@ class DispatchPlan:
     send_splits: list[int]
     recv_splits: list[int]
     dest: torch.Tensor | None  # dropless: received (gathered) row -> flat index into the [L * T] expert input
+    rows_L: list[int] | None = None  # dropless: real rows of each local expert (the rest of T is padding)
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -167,7 +168,9 @@ class TEDDispatcher:
         seg_len = recv_mL.reshape(-1).repeat(d)
         per_expert = seg_len.view(-1, L)
         start_in_expert = (torch.cumsum(per_expert, 0) - per_expert).reshape(-1)
-        T = int(per_expert.sum(0).max()) if L else 0
+        rows_L = per_expert.sum(0).tolist()  # one host sync (T needs it anyway)
+        T = max(rows_L, default=0)
+        plan.rows_L = rows_L
         seg_of_row = torch.repeat_interleave(torch.arange(len(seg_len), device=x_SH.device), seg_len)
         first_row = torch.cumsum(seg_len, 0) - seg_len
         pos = start_in_expert[seg_of_row] + torch.arange(len(seg_of_row), device=x_SH.device) - first_row[seg_of_row]

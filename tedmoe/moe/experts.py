@@ -70,9 +70,14 @@ class GroupedExperts(nn.Module):
     def num_local_experts(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, x_LTH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_LTH: torch.Tensor, rows_L: list[int] | None = None) -> torch.Tensor:
+        """``[L, T, H]`` -> ``[L, T, H]`` partial sums over tp. ``rows_L`` (dropless): each expert's
+        real rows; without autograd only those are computed (the padding rows of the output are
+        left unset: the combine never reads them), so an expert with no token costs nothing."""
         if self.quantized is not None:  # integer weights (tedmoe.compress), one expert at a time
-            return self.quantized(x_LTH)
+            return self.quantized(x_LTH, rows_L)
+        if rows_L is not None and not torch.is_grad_enabled() and self.weight_transforms is None:
+            return self._real_rows(x_LTH, rows_L)
         t = self.weight_transforms or {}
         w1, w2 = (t[n](w) if n in t else w for n, w in (("w1", self.w1), ("w2", self.w2)))
         if self.w3 is None:
@@ -80,6 +85,16 @@ class GroupedExperts(nn.Module):
         w3 = t["w3"](self.w3) if "w3" in t else self.w3
         h = F.silu(torch.bmm(x_LTH, w1)) * torch.bmm(x_LTH, w3)
         return torch.bmm(h, w2)  # partial sum over tp
+
+    def _real_rows(self, x_LTH: torch.Tensor, rows_L: list[int]) -> torch.Tensor:
+        out = x_LTH.new_empty(x_LTH.shape[0], x_LTH.shape[1], self.w2.shape[-1])
+        for e, r in enumerate(rows_L):
+            if r:
+                x = x_LTH[e, :r]
+                h = x @ self.w1[e]
+                h = F.gelu(h) if self.w3 is None else F.silu(h) * (x @ self.w3[e])
+                out[e, :r] = h @ self.w2[e]
+        return out
 
     def load_full(self, full: dict[str, torch.Tensor]) -> None:
         """Copy this rank's shard out of full ``[E, ...]`` weights."""

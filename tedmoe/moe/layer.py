@@ -76,7 +76,7 @@ class MoE(nn.Module):
         if self._own_context and self.training and torch.is_grad_enabled():
             self.context.step += 1
         expert_in, plan = self.dispatcher.dispatch(x_SH, routing)
-        y_SH = self.dispatcher.combine(self.experts(expert_in), routing, plan)
+        y_SH = self.dispatcher.combine(self.experts(expert_in, plan.rows_L), routing, plan)
         if self.config.residual:  # Residual-MoE: mix the experts' output with the dense branch, per token
             coef = torch.softmax(self.coefficient(x_SH).float(), dim=-1).to(y_SH.dtype)
             y_SH = y_SH * coef[:, :1] + self.residual(x_SH) * coef[:, 1:]

@@ -60,7 +60,7 @@ class Metrics:
 class ServingLoop:
     """The engine loop (a thread) and the queues between it and the HTTP handlers."""
 
-    def __init__(self, engine, tokenizer, policy: str = "splitfuse", token_budget: int = 256, max_seqs: int = 32):
+    def __init__(self, engine, tokenizer, policy: str = "splitfuse", token_budget: int = 512, max_seqs: int = 32):
         self.engine, self.tokenizer = engine, tokenizer
         self.scheduler = Scheduler(engine, policy, token_budget, max_seqs)
         self.metrics = Metrics()
@@ -298,8 +298,9 @@ def create_app(loop: ServingLoop, model_name: str):
                         if await http.is_disconnected():
                             loop.cancel(uid)
                             return
-                        if delta or finish:
-                            yield f"data: {json.dumps(shape(delta, finish))}\n\n"
+                        # one event per token, even when its text is still held back (part of a
+                        # character, or maybe of a stop string), so clients can count and time tokens
+                        yield f"data: {json.dumps(shape(delta, finish))}\n\n"
                         if finish:
                             break
                     yield f"data: {json.dumps(shape('', None, protocol.usage(len(prompt_ids), made)) | {'choices': []})}\n\n"

@@ -214,3 +214,18 @@ def test_engine_generation_equals_recomputing_generation():
     assert len(set(outs[0][4:])) > 3 and engine.free_blocks == 64
     sampled = generate_batch(engine, prompts, 12, SamplingParams(temperature=0.9, top_k=20), seed=7)
     assert sampled[1] == generate(model, prompts[1], 12, temperature=0.9, top_k=20, seed=8)  # seed + index
+
+
+def test_generation_stops_sequences_the_cache_cannot_hold():
+    """Two sequences each needing a new block with one free: the first continues, the second
+    stops there (no failed put), and every block comes back."""
+    from tedmoe.inference.generate import generate, generate_batch
+    from tedmoe.inference.sampling import SamplingParams
+
+    model = build()
+    engine = InferenceEngine(model, block_size=4, num_blocks=5)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    outs = generate_batch(engine, prompts, 4, SamplingParams(temperature=0.0))
+    assert outs[0] == generate(model, prompts[0], 4, greedy=True)  # 12 tokens: 3 blocks
+    assert outs[1] == generate(model, prompts[1], 1, greedy=True)  # 2 blocks, then none was left
+    assert engine.free_blocks == 5

@@ -131,3 +131,16 @@ def test_stop_tokens_cancel_and_bad_requests(model):
                                                                                     max_tokens=3))
     with pytest.raises(ValueError, match="policy='fifo'"):
         Scheduler(engine, "fifo")
+
+
+@pytest.mark.parametrize("policy", ["splitfuse", "prefill-first", "static"])
+def test_no_more_sequences_run_than_max_seqs(model, policy):
+    engine = InferenceEngine(model, block_size=4, num_blocks=80)
+    scheduler = Scheduler(engine, policy, token_budget=24, max_seqs=3)  # prompts span several forwards
+    reqs = requests(8, seed=8, lengths=(10, 30), new=(2, 5))
+    for r in reqs:
+        scheduler.add(r)
+    while not scheduler.idle:
+        result = scheduler.step()
+        assert len(scheduler.running) <= 3 and result.batch_seqs <= 3
+    assert all(r.generated == reference(model, r) for r in reqs)
