@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def sha256_file(path: str | Path) -> str:
@@ -24,3 +27,19 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def new_directory(out: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside ``out`` to fill; renamed to ``out`` when the block ends
+    without an error, else its files are removed (nothing half-written is ever at ``out``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.rename(tmp, out)
+    except BaseException:
+        for f in tmp.iterdir():
+            f.unlink()
+        tmp.rmdir()
+        raise

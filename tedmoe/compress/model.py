@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from torch import nn
 
 from tedmoe.compress import quant
 from tedmoe.config import ModelConfig
+from tedmoe.fileio import new_directory
 
 FORMAT = "tedmoe-compressed"
 METHODS = {"int8": (8, False), "int4": (4, False), "zeroquant": (8, True)}  # bits, INT8 activations (W8A8)
@@ -114,19 +113,11 @@ def save(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str, group_si
     meta = {"format": FORMAT, "method": method, "bits": bits, "group_size": group_size,
             "activations": "int8 per token" if w8a8 else "float", "source": source,
             "model": dataclasses.asdict(cfg), "quantized": quantized}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with new_directory(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "compression.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        os.rename(tmp, out)
-    except BaseException:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-        raise
     disk = (out / "model.safetensors").stat().st_size
     return {"method": method, "group_size": group_size, "bytes_on_disk": disk, "fp32_bytes": float_bytes,
             "ratio": float_bytes / disk, "quantized_tensors": len(quantized)}

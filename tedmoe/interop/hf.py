@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tedmoe.config import ModelConfig
+from tedmoe.fileio import new_directory
 from tedmoe.interop import families
 
 INDEX = "model.safetensors.index.json"
@@ -180,9 +179,7 @@ def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, toke
         raise ValueError(f"{out} exists; export into a new directory (nothing is overwritten)")
     config = families.hf_config(cfg)  # refuses before anything is written
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in families.to_hf(state, cfg).items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with new_directory(out) as tmp:
         groups = shards(tensors, max_shard_bytes)
         if len(groups) == 1:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -201,10 +198,4 @@ def save(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, toke
             settings = json.loads(getattr(tokenizer, "config_text", None) or "{}")  # a directory's: bos/eos, chat
             settings = {"tokenizer_class": "PreTrainedTokenizerFast", **settings, "model_max_length": cfg.max_seq_len}
             (tmp / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
-        os.rename(tmp, out)
-    except BaseException:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-        raise
     return out
