@@ -101,6 +101,14 @@ def model_config_from_dict(values: dict) -> ModelConfig:
     return model
 
 
+def model_differences(a: dict, b: dict) -> list[str]:
+    """The fields in which two model configs in dict form differ (a checkpoint's, written by any
+    tedmoe, and today's): both are read back first, so fields added since take their defaults and
+    JSON's lists equal tuples."""
+    x, y = (dataclasses.asdict(model_config_from_dict(d)) for d in (a or {}, b))
+    return sorted(k for k in x.keys() | y.keys() if x.get(k) != y.get(k))
+
+
 def load_run_config(path: str | None = None, preset_name: str = "default", overrides: list[str] = ()) -> RunConfig:
     """The preset, then the TOML file (if any), then the overrides, in that order."""
     cfg = preset(preset_name)

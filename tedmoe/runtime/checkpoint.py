@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from tedmoe.config import upgrade
+from tedmoe.config.loader import model_differences
 from tedmoe.fileio import sha256_file, write_atomic
 from tedmoe.runtime import faults
 from tedmoe.parallel.sharding import as_dtensor
@@ -143,9 +144,8 @@ def read_meta(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, model, optimizer, topology: Topology, model_config: dict) -> dict:
     """Load a checkpoint (saved in any layout) into this layout; returns its meta."""
     meta = read_meta(path)
-    saved = meta.get("config", {}).get("model")
-    if saved != model_config:
-        diff = sorted(k for k in set(saved or {}) | set(model_config) if (saved or {}).get(k) != model_config.get(k))
+    diff = model_differences(meta.get("config", {}).get("model"), model_config)
+    if diff:
         raise CheckpointError(f"checkpoint {meta['path']} was made for another model (differs in {', '.join(diff)})")
     state, optim = _state(model, optimizer, topology)
     try:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from tedmoe.config import RunConfig
+from tedmoe.config.loader import model_differences
 from tedmoe.fileio import write_atomic
 from tedmoe.data.dataset import BatchSampler, TokenDataset, embedded_corpus_files, prepare
 from tedmoe.data.tokenizer import copy_tokenizer
@@ -101,7 +102,7 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes
     if found is None:
         return {"checkpoint": None, "step": 0, "finished": False}
     meta = ckpt.read_meta(found)
-    if meta.get("config", {}).get("model") != dataclasses.asdict(cfg.model):
+    if model_differences(meta.get("config", {}).get("model"), dataclasses.asdict(cfg.model)):
         raise ckpt.CheckpointError(f"checkpoint {found} was made for another model config; "
                                    "use another out_dir or the same model settings")
     changes = rundir.resume_changes(meta.get("config", {}), dataclasses.asdict(cfg), meta.get("data"),

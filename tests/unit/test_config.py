@@ -49,3 +49,25 @@ def test_the_removed_moe_width_key(tmp_path):
     old["model"]["moe"]["hidden_size"] = 7
     with pytest.raises(ValueError, match="no longer a setting"):
         from_dict(old)
+
+
+def test_model_configs_saved_by_older_versions_compare_equal_to_todays():
+    """A checkpoint's model config as JSON (tuples become lists) and one written before fields were
+    added (head_dim, qk_norm, expert_counts, moe.residual) equal today's config: resume must see no
+    difference, and a real difference is named."""
+    import dataclasses
+    import json
+
+    from tedmoe.config import preset
+    from tedmoe.config.loader import model_differences
+
+    cfg = preset("tiny").model
+    cfg.expert_counts = (4, 4)
+    now = dataclasses.asdict(cfg)
+    assert model_differences(json.loads(json.dumps(now)), now) == []
+    old = json.loads(json.dumps(dataclasses.asdict(preset("tiny").model)))
+    for key in ("head_dim", "qk_norm", "expert_counts"):
+        del old[key]
+    del old["moe"]["residual"]
+    assert model_differences(old, dataclasses.asdict(preset("tiny").model)) == []
+    assert model_differences(old, now) == ["expert_counts"]
