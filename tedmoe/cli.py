@@ -260,13 +260,15 @@ def _generate(args, argv: list[str]) -> int:
     from tedmoe.inference.generate import generate_batch, sampling_params
 
     params = sampling_params(args.temperature, args.top_k, args.greedy)
+    if not args.prompt:  # before any model is loaded or rank started
+        raise ValueError("the prompt is empty; give at least one character with --prompt (the model continues it)")
 
     def leader(engine, tok, where):
         print(f"tedmoe: {where}", file=sys.stderr)
         bos = [tok.bos_id] if getattr(tok, "bos_id", None) is not None else []  # as the documents start
         ids = tok.encode(args.prompt)
-        out = generate_batch(engine, [bos + ids if ids else ids], args.max_new_tokens, params, args.seed)[0]
-        print(tok.decode(out[len(bos):] if ids else out))
+        out = generate_batch(engine, [bos + ids], args.max_new_tokens, params, args.seed)[0]
+        print(tok.decode(out[len(bos):]))
         return 0
 
     return _on_engine(args, argv, leader)
