@@ -41,7 +41,7 @@ token gaps between consecutive token events of a request.
 Per cell (policy, budget, clients): throughput = requests / wall time of the cell (first send to
 last finish, so the last wave, with fewer clients busy, is included) and generated tokens / s;
 TTFT median and P95; per-token latency = the gaps between consecutive streamed tokens of all
-requests pooled, median and P95 (the JSON also has each request's mean gap); effective throughput
+requests pooled, median and P95 (the raw file also has each request's mean gap); effective throughput
 = requests that meet the SLA / wall time.
 
 The SLA (scaled to this machine, as FastGen scaled theirs to their hardware): before the cells, one
@@ -59,15 +59,20 @@ replay of the closed loop at ``--replay-clients`` driving ``tedmoe.inference.sch
 directly, which records every forward (its decode and prompt tokens, its time) per policy: what the
 forwards look like and where the time goes, without HTTP.
 
-Prints tables and writes benchmarks/results/serving-<date>.json (configuration, SLA, calibration,
-every request's record: policy, budget, clients, prompt and generation length, TTFT, token times)
-and a PNG next to it: effective throughput and P95 per-token latency vs clients, per policy.
+Prints tables and writes benchmarks/results/serving-<date>.json: the summaries (configuration, model,
+forward costs, each replay's summary, SLA and calibration, servers, each cell's summary as in the
+table, the SplitFuse / prefill-first ratios); next to it serving-<date>.raw.json.gz, the raw data as
+gzip-compressed JSON (``calibration``: the calibration requests' records; ``cells``: each cell's
+every request record, with policy, budget, clients, prompt and generation length, TTFT, token times,
+SLA verdict; ``replay``: each replay's every forward); and a PNG, drawn from the summaries:
+effective throughput and P95 per-token latency vs clients, per policy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import random
@@ -453,6 +458,28 @@ def print_ratios(cells: list[dict], budget: int) -> list[dict]:
     return out
 
 
+def split_raw(result: dict) -> dict:
+    """Takes what ``result`` holds per request and per forward out of it (in place) and returns it,
+    for the raw file: the calibration requests' records, each cell's records and each replay's
+    forward log, cells and replays named by policy, budget and clients. What stays is the summaries."""
+    def named(d: dict, key: str) -> dict:
+        return {"policy": d["policy"], "token_budget": d["token_budget"], "clients": d["clients"], key: d.pop(key)}
+
+    return {"calibration": result.get("sla", {}).pop("records", []),
+            "cells": [named(c, "records") for c in result.get("cells", []) if "records" in c],
+            "replay": [named(r, "forward_log") for r in result.get("replay", []) if "forward_log" in r]}
+
+
+def write_raw(path: Path, raw: dict) -> Path:
+    """``raw`` as gzip-compressed JSON next to the result ``path``: ``<its name>.raw.json.gz`` (no
+    time stamp in the gzip header: the same data gives the same bytes). Prints and returns its path."""
+    out = path.with_name(path.stem + ".raw.json.gz")
+    with open(out, "xb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as z:
+        z.write(json.dumps(raw, default=str).encode())
+    print(f"wrote {out.relative_to(common.ROOT)}")
+    return out
+
+
 def plot(cells: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -648,12 +675,15 @@ def main() -> int:
     result["splitfuse_vs_prefill_first"] = print_ratios(cells, args.token_budget)
     result["servers"] = servers
     result["cells"] = cells
+    result["raw"] = "the request records (calibration, cells) and replay forwards: <this file's name>.raw.json.gz"
+    raw = split_raw(result)  # the cells keep their summaries, which the plot draws
     bad_exit = [s for s in servers if s["exit_code"] != 0]
     for s in bad_exit:
         print(f"server {s['policy']} (budget {s['token_budget']}) exited with {s['exit_code']}: {s['stderr_tail']}",
               file=sys.stderr)
     config = {k: v for k, v in vars(args).items()}
     path = common.write_result("serving", config, result)
+    write_raw(path, raw)
     plot(cells, path.with_suffix(".png"),
          f"tedmoe serve, {params['total'] / 1e6:.1f}M-param MoE on {os.cpu_count()} CPU cores; prompts {args.prompt_mean}"
          f"+-30%, {args.gen_mean}+-30% new tokens; SLA: TTFT <= 0.5 s + {1e3 * sla['sla_ttft_per_prompt_token_s']:.2f} ms"

@@ -11,6 +11,7 @@ import typing
 
 from tedmoe.config import PRESETS, TrainConfig
 from tedmoe.config.validation import field_hints
+from tedmoe.compress.model import METHODS
 from tedmoe.parallel import launch
 
 
@@ -37,6 +38,13 @@ def _number(kind: type, low: float, strict: bool = False):
 
 
 POSITIVE_INT, NONNEG_INT, POSITIVE = _number(int, 1), _number(int, 0), _number(float, 0, strict=True)
+
+
+def _port(text: str) -> int:
+    port = NONNEG_INT(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0-65535; 0 picks a free one)")
+    return port
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -93,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
                         "metrics) on the engine, on one process or across ranks")
     sv.add_argument("--ckpt", required=True, help="a run, a checkpoint or a Hugging Face directory")
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=NONNEG_INT, default=8000, help="0 picks a free port (printed)")
+    sv.add_argument("--port", type=_port, default=8000, help="0 picks a free port (printed)")
     sv.add_argument("--model-name", help="the model id the API reports (default: the directory's name)")
     sv.add_argument("--policy", choices=("splitfuse", "prefill-first", "static"), default="splitfuse",
                     help="scheduling: Dynamic SplitFuse (default), prefill-first continuous batching, static batches")
@@ -102,12 +110,22 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-seqs", type=POSITIVE_INT, default=32, help="sequences per forward")
     _engine_options(sv)
 
-    cp = sub.add_parser("compress", help="write a compressed model: weights as INT8 or INT4 integers (group-wise "
-                        "scales), computed by integer kernels when served")
+    cp = sub.add_parser("compress", help="write a compressed model: INT8/INT4 weights (group-wise scales), or the "
+                        "packed binary/ternary/N:M weights of a quantisation-aware run; served by integer kernels")
     cp.add_argument("ckpt", help="a run, a checkpoint or a Hugging Face directory")
-    cp.add_argument("--method", required=True, choices=("int8", "int4", "zeroquant"), help="int8 / int4: weight-only; "
-                    "zeroquant: INT8 weights and token-wise INT8 activations (W8A8)")
-    cp.add_argument("--group-size", type=POSITIVE_INT, default=128, help="input columns per scale (default: %(default)s)")
+    cp.add_argument("--method", required=True, choices=tuple(METHODS), help="int8 / int4: weight-only; zeroquant: "
+                    "INT8 weights and token-wise INT8 activations (W8A8); binary / ternary / nm: a run trained with "
+                    "that compress.method, packed 8 / 4 weights per byte or as N:M values and a bitmap")
+    cp.add_argument("--group-size", type=POSITIVE_INT, default=None, help="input columns per scale for int8, int4 "
+                    "and zeroquant (default: 128)")
+    cp.add_argument("--lkd", action="store_true", help="int8 / int4 / zeroquant: ZeroQuant's layer-by-layer knowledge "
+                    "distillation on a calibration set from the run's training data before quantising")
+    cp.add_argument("--calibration-batches", type=POSITIVE_INT, default=8, help="--lkd: batches of the run's "
+                    "training data (default: %(default)s)")
+    cp.add_argument("--lkd-steps", type=POSITIVE_INT, default=100, help="--lkd: optimizer steps per layer "
+                    "(default: %(default)s)")
+    cp.add_argument("--lkd-lr", type=POSITIVE, default=1e-5, help="--lkd: Adam learning "
+                    "rate, decayed linearly to 0 (default: %(default)s)")
     cp.add_argument("--out", required=True, help="a new directory (an existing one is refused)")
 
     ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (Mixtral, or "
@@ -199,15 +217,15 @@ def _train(args, argv: list[str]) -> int:
         lock.release()
 
 
-def _serving_layout(overrides: list[str]):
-    """The ``parallel`` settings of ``generate``'s ``--set`` options (nothing else is taken)."""
+def _serving_layout(overrides: list[str], command: str = "generate"):
+    """The ``parallel`` settings of ``generate``'s or ``serve``'s ``--set`` options (nothing else is taken)."""
     from tedmoe.config import ParallelConfig, apply_values
     from tedmoe.config.loader import parse_override
 
     par = ParallelConfig()
     for item in overrides:
         if not item.startswith("parallel."):
-            raise ValueError(f"--set {item}: generate takes only parallel.* settings (tp, ep, backend, timeout_s); "
+            raise ValueError(f"--set {item}: {command} takes only parallel.* settings (tp, ep, backend, timeout_s); "
                              "the model's settings come from the checkpoint")
         apply_values(par, parse_override(item)["parallel"], "parallel.")
     if par.sp != 1:
@@ -226,7 +244,7 @@ def _on_engine(args, argv: list[str], leader, stop_is_clean: bool = False) -> in
     from tedmoe.inference.generate import load_model, model_config_of
     from tedmoe.parallel.topology import ParallelDims, Topology
 
-    par = _serving_layout(args.overrides)
+    par = _serving_layout(args.overrides, args.command)
     world = int(os.environ["WORLD_SIZE"]) if launch.launched() else args.nproc
     ParallelDims(world, par.tp, par.ep)  # a layout that does not fit the ranks is refused here
     model_config_of(args.ckpt).validate(par.tp, par.ep)  # before any rank starts
@@ -301,19 +319,44 @@ def _compress(args) -> int:
     from pathlib import Path
 
     from tedmoe.compress import model as compressed
-    from tedmoe.inference.generate import load_model
+    from tedmoe.inference.generate import load_model, trained_compression
 
     if compressed.is_compressed(args.ckpt):
         raise ValueError(f"{args.ckpt} is compressed already ({compressed.read_meta(args.ckpt)['method']}); "
                          "compress the float run or Hugging Face directory it came from")
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} exists; compress into a new directory (nothing is overwritten)")
+    method, trained = args.method, trained_compression(args.ckpt)
+    if method in compressed.TRAINED:
+        if args.group_size is not None:
+            raise ValueError(f"--group-size is for int8, int4 and zeroquant; {method} weights keep "
+                             + ("their values" if method == "nm" else "one scale per row"))
+        if trained.method != method:
+            raise ValueError(f"--method {method} packs the weights of a run trained with --set compress.method={method}; "
+                             f"{args.ckpt} was trained with compress.method={trained.method} (use int8, int4 or "
+                             "zeroquant, or train with that setting first)")
+    if args.lkd and method not in compressed.GROUPED:
+        raise ValueError(f"--lkd distils each layer towards its INT8/INT4 form (int8, int4, zeroquant); {method} "
+                         "weights come from quantisation-aware training (add compress.teacher there instead)")
+    group = args.group_size or 128
     model, tok = load_model(args.ckpt)
-    report = compressed.save(model.state_dict(), model.config, args.method, args.group_size, args.out, tok,
-                             source=str(Path(args.ckpt).resolve()))
-    print(f"wrote {args.out}: {report['quantized_tensors']} weights as {args.method} (group {args.group_size}); "
-          f"{report['bytes_on_disk'] / 2**20:,.2f} MiB on disk, {report['ratio']:.2f}x smaller than fp32 "
-          f"({report['fp32_bytes'] / 2**20:,.2f} MiB)")
+    state, lkd = model.state_dict(), None
+    if args.lkd:
+        from tedmoe.compress import lkd as distil
+
+        state, lkd = distil.distil(model, args.ckpt, group, args.calibration_batches, args.lkd_steps, args.lkd_lr,
+                                   compressed.BITS[method])
+    report = compressed.save(state, model.config, method, group, args.out, tok, source=str(Path(args.ckpt).resolve()),
+                             n=trained.n, m=trained.m)
+    what = f"{method} (group {group})" if method in compressed.GROUPED else (
+        f"{trained.n}:{trained.m} sparse" if method == "nm" else method)
+    mib = 2 ** 20
+    print(f"wrote {args.out}: {report['quantized_tensors']} weights as {what}{' after LKD' if lkd else ''}; "
+          f"{report['bytes_on_disk'] / mib:,.2f} MiB on disk ({report['ratio']:.2f}x smaller than fp32 "
+          f"{report['fp32_bytes'] / mib:,.2f} MiB, bf16 {report['bf16_bytes'] / mib:,.2f} MiB), "
+          f"{report['bytes_in_memory'] / mib:,.2f} MiB in memory when served")
+    if lkd:
+        print(f"LKD: {lkd}")
     return 0
 
 

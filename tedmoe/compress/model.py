@@ -26,10 +26,21 @@ from torch import nn
 
 from tedmoe.compress import quant
 from tedmoe.config import ModelConfig
+from tedmoe.config.loader import model_config_from_dict
 from tedmoe.fileio import new_directory
 
 FORMAT = "tedmoe-compressed"
-METHODS = {"int8": (8, False), "int4": (4, False), "zeroquant": (8, True)}  # bits, INT8 activations (W8A8)
+METHODS = {
+    "int8": "INT8 weights, group-wise scales, float activations",
+    "int4": "INT4 weights two per byte, group-wise scales, float activations",
+    "zeroquant": "INT8 weights and token-wise dynamic INT8 activations (W8A8)",
+    "binary": "1-bit weights eight per byte, one scale per row (a run trained with compress.method=binary)",
+    "ternary": "2-bit weights (-1, 0, 1) four per byte, one scale per row (trained with compress.method=ternary)",
+    "nm": "N:M sparse weights: the kept values and a bitmap of their places (trained with compress.method=nm)",
+}
+BITS = {"int8": 8, "int4": 4, "zeroquant": 8, "binary": 1, "ternary": 2}
+GROUPED = ("int8", "int4", "zeroquant")  # post-training, group-wise scales
+TRAINED = ("binary", "ternary", "nm")  # store what quantisation-aware training made
 
 
 def check_method(method: str) -> None:
@@ -72,14 +83,58 @@ def _unstored(t: torch.Tensor, bits: int) -> torch.Tensor:
     return quant.unpack_int4(t.reshape(-1, t.shape[-1])).reshape(*t.shape[:-1], t.shape[-1] * 2)
 
 
-def compress_state(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str,
-                   group_size: int) -> dict[str, torch.Tensor]:
+def _trained(w: torch.Tensor, name: str, method: str, n: int, m: int) -> dict[str, torch.Tensor]:
+    """Pack the weights a quantisation-aware run's forward used (``[..., N, K]``, linear layout):
+    checked to be what the method makes, so a float run is refused rather than rounded."""
+    K = w.shape[-1]
+    unit = {"binary": 8, "ternary": 4, "nm": max(8, m)}[method]
+    if K % unit or (method == "nm" and K % m):
+        raise ValueError(f"{name} has {K} input columns; {method} packing needs a multiple of {unit}"
+                         + (f" and of m={m}" if method == "nm" else ""))
+    w = w.detach().float()
+    a = w.abs()
+    hint = f"compress a run trained with --set compress.method={method}"
+    if method == "nm":
+        groups = a.reshape(*a.shape[:-1], K // m, m)
+        if ((groups > 0).sum(-1) > n).any():
+            raise ValueError(f"{name} is not {n}:{m} sparse (a group of {m} inputs holds more than {n} non-zeros); {hint}")
+        top = groups.topk(n, dim=-1).indices
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).reshape(w.shape)
+        return {"values": w[keep].reshape(*w.shape[:-1], K * n // m), "mask": quant.pack_bits(keep)}
+    scale = a.amax(-1, keepdim=True)
+    nonzero = a > 0 if method == "ternary" else torch.ones_like(a, dtype=torch.bool)
+    if ((a - scale).abs() > 1e-5 * scale + 1e-12)[nonzero].any():
+        levels = "-a, 0 or a" if method == "ternary" else "-a or a"
+        raise ValueError(f"{name} is not {method} (each row must hold {levels}); {hint}")
+    if method == "binary":
+        return {"qweight": quant.pack_bits(w > 0), "scales": scale}
+    return {"qweight": quant.pack_2bit((w > 0).to(torch.uint8) + 2 * (w < 0).to(torch.uint8)), "scales": scale}
+
+
+def stored_weight(tensors: dict[str, torch.Tensor], name: str, meta: dict):
+    """A stored weight back in the linear layout ``[..., N, K]``: ``(q int8, scales)`` for the
+    integer methods (binary and ternary as int8 -1/0/1 with ``[..., N, 1]`` scales), the dense
+    float weight for ``nm``."""
+    method = meta["method"]
+    if method == "nm":
+        keep = quant.unpack_bits(tensors[f"{name}.mask"]).bool()
+        return torch.zeros(keep.shape).masked_scatter_(keep, tensors[f"{name}.values"].float())
+    s = tensors[f"{name}.scales"]
+    if method == "binary":
+        return quant.unpack_bits(tensors[f"{name}.qweight"]).to(torch.int8) * 2 - 1, s
+    if method == "ternary":
+        codes = quant.unpack_2bit(tensors[f"{name}.qweight"]).to(torch.int8)
+        return (codes == 1).to(torch.int8) - (codes == 2).to(torch.int8), s
+    return _unstored(tensors[f"{name}.qweight"], meta["bits"]), s
+
+
+def compress_state(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str, group_size: int | None,
+                   n: int = 2, m: int = 4) -> dict[str, torch.Tensor]:
     """A full (single-process) float state dict -> the compressed directory's tensors."""
     from tedmoe.model.transformer import GPTMoE
     from tedmoe.parallel.topology import Topology
 
     check_method(method)
-    bits = METHODS[method][0]
     kinds = quantized_weights(GPTMoE(cfg, Topology.single(), device="meta"))
     out = {}
     for name, t in state.items():
@@ -88,8 +143,12 @@ def compress_state(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str
             out[name] = t.detach().contiguous()
             continue
         w = t if kind == "linear" else _as_linear(t)
+        if method in TRAINED:
+            out.update({f"{name}.{k}": v.contiguous() for k, v in _trained(w, name, method, n, m).items()})
+            continue
+        bits = BITS[method]
         quant.check_group_size(w.shape[-1], group_size, bits, name)
-        pairs = [quant.quantize(m, bits, group_size) for m in (w if kind == "expert" else w[None])]
+        pairs = [quant.quantize(m_, bits, group_size) for m_ in (w if kind == "expert" else w[None])]
         q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         if kind == "linear":
             q, s = q[0], s[0]
@@ -97,30 +156,53 @@ def compress_state(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str
     return out
 
 
-def save(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str, group_size: int, out: str | Path,
-         tokenizer=None, source: str = "") -> dict:
+def save(state: dict[str, torch.Tensor], cfg: ModelConfig, method: str, group_size: int | None, out: str | Path,
+         tokenizer=None, source: str = "", n: int = 2, m: int = 4) -> dict:
     """Compress a full float state dict into the new directory ``out`` (through a temporary
-    directory and a rename; an existing ``out`` is refused). Returns the size report."""
+    directory and a rename; an existing ``out`` is refused). ``group_size`` for the post-training
+    methods, ``n``/``m`` for ``nm``. Returns the size report: bytes on disk, and in memory once
+    loaded (one process), next to the fp32 and bf16 model."""
     from safetensors.torch import save_file
 
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} exists; compress into a new directory (nothing is overwritten)")
-    tensors = compress_state(state, cfg, method, group_size)  # refuses a bad group size before writing
-    quantized = sorted(n[:-len(".qweight")] for n in tensors if n.endswith(".qweight"))
-    bits, w8a8 = METHODS[method]
-    float_bytes = sum(t.numel() * 4 for t in state.values())
-    meta = {"format": FORMAT, "method": method, "bits": bits, "group_size": group_size,
-            "activations": "int8 per token" if w8a8 else "float", "source": source,
+    tensors = compress_state(state, cfg, method, group_size, n, m)  # refuses bad input before writing
+    kinds = quantized_weights_of(cfg)
+    quantized = sorted(kinds.keys() & state.keys())
+    meta = {"format": FORMAT, "method": method, "description": METHODS[method], "bits": BITS.get(method),
+            "group_size": group_size if method in GROUPED else None, **({"n": n, "m": m} if method == "nm" else {}),
+            "activations": "int8 per token" if method == "zeroquant" else "float", "source": source,
             "model": dataclasses.asdict(cfg), "quantized": quantized}
     with new_directory(out) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "compression.json").write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+    float_bytes = sum(t.numel() * 4 for t in state.values())
     disk = (out / "model.safetensors").stat().st_size
-    return {"method": method, "group_size": group_size, "bytes_on_disk": disk, "fp32_bytes": float_bytes,
-            "ratio": float_bytes / disk, "quantized_tensors": len(quantized)}
+    return {"method": method, "group_size": meta["group_size"], "bytes_on_disk": disk, "fp32_bytes": float_bytes,
+            "bf16_bytes": float_bytes // 2, "bytes_in_memory": memory_bytes(out), "ratio": float_bytes / disk,
+            "quantized_tensors": len(quantized)}
+
+
+def quantized_weights_of(cfg: ModelConfig) -> dict[str, str]:
+    from tedmoe.model.transformer import GPTMoE
+    from tedmoe.parallel.topology import Topology
+
+    return quantized_weights(GPTMoE(cfg, Topology.single(), device="meta"))
+
+
+def memory_bytes(path: str | Path) -> int:
+    """Bytes a one-process model loaded from the compressed directory holds (parameters and
+    buffers: the kernels' integer weights and scales)."""
+    from tedmoe.model.transformer import GPTMoE
+    from tedmoe.parallel.topology import Topology
+
+    model = GPTMoE(model_config_from_dict(read_meta(path)["model"]), Topology.single(), device="meta")
+    model.to_empty(device="cpu")
+    load_into(model, path)
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def read_meta(path: str | Path) -> dict:
@@ -182,43 +264,56 @@ def load_into(model, path: str | Path) -> dict:
     """Fill ``model`` (a ``GPTMoE`` of any TP x EP layout built from the directory's config) from a
     compressed directory: float tensors sliced as usual, integer weights sliced per rank (rows
     or columns over tp, experts over ep) and set up for the kernels; their float parameters are
-    removed. Returns the directory's ``compression.json``."""
+    removed. Binary and ternary weights compute as INT8 -1/0/1 with one scale per row. N:M
+    weights are expanded to dense float parameters (torch has no CPU kernel for N:M sparse
+    products; the directory stores them packed). Returns the directory's ``compression.json``."""
     from safetensors.torch import load_file
 
     from tedmoe.parallel import comm
     from tedmoe.parallel.sharding import shard_of, tp_dim
 
     meta = read_meta(path)
-    method, g, bits = meta["method"], meta["group_size"], meta["bits"]
+    method, g = meta["method"], meta["group_size"]
     tensors = load_file(str(Path(path) / "model.safetensors"))
     kinds = quantized_weights(model)
     tp, ep = model.topology.axis("tp"), model.topology.axis("ep")
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
+    kernel = "int8" if method in ("binary", "ternary") else method
     experts: dict[str, dict[str, list[QuantLinear]]] = {}
     with torch.no_grad():
         for name, p in params.items():
             if name not in kinds:
                 p.copy_(shard_of(tensors[name].to(p.dtype), p, model.topology))
                 continue
-            q, s = _unstored(tensors[f"{name}.qweight"], bits), tensors[f"{name}.scales"]
+            if method == "nm":
+                dense = stored_weight(tensors, name, meta)
+                p.copy_(shard_of((dense if kinds[name] == "linear" else _as_linear(dense)).to(p.dtype), p,
+                                 model.topology))
+                continue
+            q, s = stored_weight(tensors, name, meta)
             if kinds[name] == "expert":  # this rank's experts; tp splits w1/w3 by rows (F), w2 by columns (F)
                 q, s = comm.local_slice(q, ep, 0), comm.local_slice(s, ep, 0)
                 split = 1 if name.endswith(("w1", "w3")) else 2
             else:  # column-parallel layers split rows (N), row-parallel ones columns (K)
                 split = 0 if tp_dim(p) == 0 else 1
             if tp.size > 1:
-                if split == q.dim() - 1 and s.shape[-1] % tp.size:
+                if split == q.dim() - 1 and s.shape[-1] > 1 and s.shape[-1] % tp.size:
                     raise ValueError(f"{name}: group size {g} does not divide the {q.shape[-1] // tp.size} input columns "
                                      f"each of tp={tp.size} ranks holds; compress with a smaller group size or use "
                                      "a smaller tp")
-                q, s = comm.local_slice(q, tp, split), comm.local_slice(s, tp, split)
+                q = comm.local_slice(q, tp, split)
+                if not (split == q.dim() - 1 and s.shape[-1] == 1):  # one scale per row: every column shard uses it
+                    s = comm.local_slice(s, tp, split)
             module_name, attr = name.rsplit(".", 1)
+            group = g if method in GROUPED else q.shape[-1]
             if kinds[name] == "linear":
-                modules[module_name].quantized = QuantLinear(q.contiguous(), s.contiguous(), method, g)
+                modules[module_name].quantized = QuantLinear(q.contiguous(), s.contiguous(), kernel, group)
             else:
-                experts.setdefault(module_name, {})[attr] = [QuantLinear(q[e].contiguous(), s[e].contiguous(), method, g)
-                                                             for e in range(q.shape[0])]
+                experts.setdefault(module_name, {})[attr] = [QuantLinear(q[e].contiguous(), s[e].contiguous(), kernel,
+                                                                         group) for e in range(q.shape[0])]
+    if method == "nm":
+        return meta
     for name in kinds:  # the float weights go; the integers compute in their place
         module_name, attr = name.rsplit(".", 1)
         del modules[module_name]._parameters[attr]

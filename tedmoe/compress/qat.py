@@ -5,8 +5,12 @@ estimator), which the optimizer keeps updating.
 - ``binary`` (XTC's 1-bit weights): ``sign(w) * mean|w|`` per output row.
 - ``ternary`` (XTC's 2-bit, after TWN): with ``d = 0.7 mean|w|`` per row, weights with ``|w| > d``
   become ``sign(w) * a`` (``a`` their mean magnitude), the others 0.
+- ``int8`` / ``int4`` (for ZeroQuant's layer-by-layer distillation, ``tedmoe.compress.lkd``): the
+  weight quantised and dequantised exactly as ``tedmoe compress`` stores it (group-wise
+  symmetric), one process only.
 - ``nm`` (N:M sparsity): of every M consecutive input weights of a row, the N largest in magnitude
-  are kept; the masks are recomputed every ``refresh_every`` training steps (and kept between).
+  are kept; the masks are recomputed every ``refresh_every`` training steps (and kept between);
+  checkpoints keep them (``masks``), so a resumed run continues with the masks it had.
 
 Which weights: the same as post-training compression (``tedmoe.compress.model``): the blocks'
 linear and expert weights. A row's statistics run over all its input columns; where tensor
@@ -47,9 +51,9 @@ class WeightTransform:
     tp axis when that dimension is split over it, else ``None``; ``inputs`` the full K."""
 
     def __init__(self, method: str, in_dim: int, inputs: int, axis=None, n: int = 2, m: int = 4,
-                 refresh_every: int = 100):
+                 refresh_every: int = 100, group_size: int = 128):
         self.method, self.in_dim, self.inputs, self.axis = method, in_dim, inputs, axis
-        self.n, self.m, self.refresh_every = n, m, refresh_every
+        self.n, self.m, self.refresh_every, self.group_size = n, m, refresh_every, group_size
         self.mask: torch.Tensor | None = None
         self.step = 0  # set by the trainer before each step (mask refresh)
         self._mask_step = -1
@@ -59,11 +63,28 @@ class WeightTransform:
             target = self._target(w.detach())
         return _StraightThrough.apply(w, target)
 
+    def ensure_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """The N:M mask in use (computed from ``w`` if none was yet), to save or to load into."""
+        if self.mask is None:
+            self.mask, self._mask_step = self._nm_mask(w.detach().abs().float()), self.step
+        return self.mask
+
+    def restored(self, step: int) -> None:
+        """The mask was loaded from a checkpoint written after ``step`` training steps: keep it
+        until the next refresh the uninterrupted run would have made."""
+        self._mask_step = step - 1
+
     def _target(self, w: torch.Tensor) -> torch.Tensor:
         a = w.abs().float()
         if self.method == "binary":
             scale = _row_sum(a, self.in_dim, self.axis) / self.inputs
             return (torch.sign(w).float() * scale).to(w.dtype)
+        if self.method in ("int8", "int4"):
+            from tedmoe.compress import quant
+
+            moved = w.movedim(self.in_dim, -1)
+            q, scales = quant.quantize(moved.reshape(-1, moved.shape[-1]), int(self.method[3:]), self.group_size)
+            return quant.dequantize(q, scales).reshape(moved.shape).movedim(-1, self.in_dim).to(w.dtype)
         if self.method == "ternary":
             delta = THRESHOLD * _row_sum(a, self.in_dim, self.axis) / self.inputs
             keep = (a > delta).float()
@@ -82,7 +103,8 @@ class WeightTransform:
         return mask.reshape(moved.shape).movedim(-1, self.in_dim)
 
 
-def apply(model, method: str, n: int = 2, m: int = 4, refresh_every: int = 100) -> list[WeightTransform]:
+def apply(model, method: str, n: int = 2, m: int = 4, refresh_every: int = 100,
+          group_size: int = 128) -> list[WeightTransform]:
     """Give the blocks' linear and expert weights of ``model`` (any layout) the transform; returns
     them (the trainer sets their ``step``)."""
     from tedmoe.compress.model import quantized_weights
@@ -104,7 +126,10 @@ def apply(model, method: str, n: int = 2, m: int = 4, refresh_every: int = 100) 
         if method == "nm" and local % m:
             raise ValueError(f"{name}: N:M groups of m={m} must divide the {local} input columns each rank holds; "
                              f"pick m dividing {local} or a smaller tp")
-        t = WeightTransform(method, in_dim, inputs, tp if split and tp.size > 1 else None, n, m, refresh_every)
+        if method in ("int8", "int4") and tp.size > 1:
+            raise ValueError(f"{method} weights in the forward run in one process (tedmoe compress --lkd)")
+        t = WeightTransform(method, in_dim, inputs, tp if split and tp.size > 1 else None, n, m, refresh_every,
+                            group_size)
         module = modules[module_name]
         if module.weight_transforms is None:
             module.weight_transforms = {}
@@ -113,15 +138,35 @@ def apply(model, method: str, n: int = 2, m: int = 4, refresh_every: int = 100) 
     return out
 
 
+def masks(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (mask, parameter)`` of every N:M transform of ``model`` (checkpoints save and
+    load them in place)."""
+    out = {}
+    for name, module in model.named_modules():
+        for attr, t in (getattr(module, "weight_transforms", None) or {}).items():
+            if t.method == "nm":
+                p = getattr(module, attr)
+                out[f"{name}.{attr}"] = (t.ensure_mask(p), p)
+    return out
+
+
+def restored(model, step: int) -> None:
+    """Masks were loaded from a checkpoint of ``step`` (see ``WeightTransform.restored``)."""
+    for module in model.modules():
+        for t in (getattr(module, "weight_transforms", None) or {}).values():
+            t.restored(step)
+
+
 def bake(model) -> None:
-    """Replace each transformed weight by what the forward uses, and drop the transforms (for
-    inference and export: the model then computes the same without them)."""
+    """Replace each transformed weight by what the forward uses (N:M: with the mask in use, if
+    any), and drop the transforms (for inference and export: the model then computes the same
+    without them)."""
     with torch.no_grad():
         for module in model.modules():
             transforms = getattr(module, "weight_transforms", None)
             for attr, t in (transforms or {}).items():
                 p = getattr(module, attr)
-                p.copy_(t(p))
+                p.copy_(p * t.mask.to(p.dtype) if t.method == "nm" and t.mask is not None else t._target(p))
             if transforms:
                 module.weight_transforms = None
 

@@ -64,6 +64,26 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
 
 
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 values ``[..., K]`` (K a multiple of 8) -> bytes ``[..., K / 8]``, column ``8j + i`` in bit ``i``."""
+    b = bits.to(torch.uint8).reshape(*bits.shape[:-1], -1, 8)
+    return (b << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    return ((packed[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(*packed.shape[:-1], -1)
+
+
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Values in ``[0, 3]`` ``[..., K]`` (K a multiple of 4) -> bytes ``[..., K / 4]``, column ``4j + i`` in bits ``2i, 2i + 1``."""
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 4)
+    return (c << torch.arange(0, 8, 2, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_2bit(packed: torch.Tensor) -> torch.Tensor:
+    return ((packed[..., None] >> torch.arange(0, 8, 2, dtype=torch.uint8)) & 3).reshape(*packed.shape[:-1], -1)
+
+
 def by_group(q: torch.Tensor, scales: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """An INT8 weight laid out for the kernels, once at load: ``[G, N, g]`` int8 (``[G, g, N]``
     with ``transpose``, for ``torch._int_mm``) and ``[G, N]`` scales, each group contiguous."""

@@ -281,6 +281,13 @@ class CompressConfig:
     """M of N:M."""
     refresh_every: PosInt = 100
     """Steps between recomputations of the N:M masks."""
+    teacher: str | None = None
+    """Distil from this model (a run, checkpoint or Hugging Face directory with the same vocabulary):
+    the loss mixes cross-entropy with the KL divergence from the teacher's token distribution."""
+    distill_weight: Annotated[float, Range(gt=0, le=1)] = 0.5
+    """Weight of the distillation term: ``(1 - w) CE + w T^2 KL(teacher || student)``."""
+    temperature: PosFloat = 1.0
+    """Softmax temperature ``T`` of both distributions in the distillation term."""
 
     def validate(self, model: ModelConfig | None = None, tp: int = 1) -> None:
         check_fields(self, "compress.")

@@ -20,7 +20,7 @@ from tedmoe.moe.noise import TokenContext
 from tedmoe.parallel import comm
 from tedmoe.parallel.sharding import init_layout_invariant, is_expert
 from tedmoe.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                             vocab_parallel_cross_entropy)
+                                             vocab_parallel_cross_entropy, vocab_parallel_kl)
 from tedmoe.parallel.topology import Topology
 
 
@@ -67,7 +67,11 @@ class GPTMoE(nn.Module):
     """``forward(ids [B, T], targets [B, T])`` returns ``(loss, parts)``: the training loss
     (mean cross-entropy over non-ignored targets + weighted mean aux and z losses) and its
     parts, detached, for logging. With ``sp > 1`` the inputs are this rank's chunk of each
-    sequence and the loss is this rank's share: the SP ranks' losses sum to the sequence's."""
+    sequence and the loss is this rank's share: the SP ranks' losses sum to the sequence's.
+
+    With a teacher (``set_teacher``: a model of the same vocabulary in the same topology) the
+    cross-entropy term becomes ``(1 - w) CE + w T^2 KL(teacher || student)``, the KL of the
+    temperature-``T`` distributions averaged over the same tokens."""
 
     def __init__(self, config: ModelConfig, topology: Topology, device=None, dtype=None):
         super().__init__()
@@ -80,6 +84,18 @@ class GPTMoE(nn.Module):
                                     for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, **kw)
         self.head = ColumnParallelLinear(config.hidden_size, config.vocab_size, tp, bias=False, **kw)
+        self.set_teacher(None)
+
+    def set_teacher(self, teacher: GPTMoE | None, weight: float = 0.5, temperature: float = 1.0) -> None:
+        """Distil from ``teacher`` (kept outside this module: not a submodule, not in the state
+        dict, not trained, always in eval mode); ``None`` removes it."""
+        if teacher is not None:
+            if teacher.config.vocab_size != self.config.vocab_size:
+                raise ValueError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the model's "
+                                 f"({self.config.vocab_size}); distil from a model of the same tokenizer")
+            teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # plain attribute: nn.Module would register it
+        self.distill = (weight, temperature)
 
     def init_weights(self, seed: int) -> None:
         """The same weights in every layout: N(0, 0.02), output projections scaled by
@@ -114,11 +130,29 @@ class GPTMoE(nn.Module):
         ce = per_token.sum() / valid.clamp(min=1)
         loss = ce
         parts = {"ce": ce.detach()}
+        if self.teacher is not None:
+            weight, temperature = self.distill
+            kl = vocab_parallel_kl(logits.flatten(0, 1), self._teacher_logits(ids_BT).flatten(0, 1),
+                                   self.topology.axis("tp"), temperature)
+            kd = kl.masked_fill(targets_BT.flatten() == ignore_index, 0.0).sum() / valid.clamp(min=1)
+            kd = kd * temperature ** 2
+            loss = (1 - weight) * ce + weight * kd
+            parts["kd"] = kd.detach()
         if aux:
             aux_mean, z_mean = torch.stack(aux).mean(), torch.stack(z).mean()
             loss = loss + self.config.aux_loss_coef * aux_mean + self.config.z_loss_coef * z_mean
             parts.update(aux=aux_mean.detach(), z=z_mean.detach())
         return loss, parts
+
+    @torch.no_grad()
+    def _teacher_logits(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """The teacher's vocab-sharded logits of the same tokens (its routers see the same token context)."""
+        teacher = self.teacher
+        vars(teacher.token_context).update(vars(self.token_context))
+        x = teacher.embed(ids_BT)
+        for block in teacher.blocks:
+            x = block(x)[0]
+        return teacher.head(teacher.norm(x))
 
     @torch.no_grad()
     def logits(self, ids_BT: torch.Tensor) -> torch.Tensor:

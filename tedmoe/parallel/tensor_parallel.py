@@ -215,3 +215,44 @@ def vocab_parallel_cross_entropy(logits_NV: torch.Tensor, target_N: torch.Tensor
     if logits_NV.dim() != 2 or target_N.shape != logits_NV.shape[:1]:
         raise ValueError(f"expected logits [N, V/{axis.size}] and target [N], got {tuple(logits_NV.shape)} and {tuple(target_N.shape)}")
     return _VocabParallelCrossEntropy.apply(logits_NV, target_N, axis, ignore_index)
+
+
+def _sharded_log_softmax(logits: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """``log_softmax`` over a vocabulary split along the last dim over ``axis`` (this rank's shard)."""
+    top = comm.all_reduce(logits.max(dim=-1).values, axis, op=torch.distributed.ReduceOp.MAX)
+    shifted = logits - top.unsqueeze(-1)
+    total = comm.all_reduce(shifted.exp().sum(dim=-1), axis)
+    return shifted - total.log().unsqueeze(-1)
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Forward: per-token ``KL(softmax(t / T) || softmax(s / T))`` from vocab-sharded student
+    logits ``s`` and teacher logits ``t``; three all-reduces of ``[N]`` vectors per
+    distribution and one for the sum. Backward: ``(p_s - p_t) / T`` on the local shard."""
+
+    @staticmethod
+    def forward(ctx, student_NV, teacher_NV, axis, temperature):
+        log_s = _sharded_log_softmax(student_NV.float() / temperature, axis)
+        log_t = _sharded_log_softmax(teacher_NV.float() / temperature, axis)
+        p_t = log_t.exp()
+        kl = comm.all_reduce((p_t * (log_t - log_s)).sum(dim=-1), axis)
+        ctx.save_for_backward(log_s.exp_(), p_t)
+        ctx.temperature, ctx.in_dtype = temperature, student_NV.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        p_s, p_t = ctx.saved_tensors
+        grad = (p_s - p_t).mul_(grad_N.unsqueeze(-1) / ctx.temperature)
+        return grad.to(ctx.in_dtype), None, None, None
+
+
+def vocab_parallel_kl(student_NV: torch.Tensor, teacher_NV: torch.Tensor, axis: Axis,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Per-token ``KL(teacher || student)`` of the temperature-``T`` softmaxes, both logits split
+    over the vocabulary like ``vocab_parallel_cross_entropy``'s; the teacher gets no gradient.
+    Equals ``F.kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True, reduction='none').sum(-1)``."""
+    if student_NV.shape != teacher_NV.shape or student_NV.dim() != 2:
+        raise ValueError(f"expected student and teacher logits [N, V/{axis.size}] alike, got "
+                         f"{tuple(student_NV.shape)} and {tuple(teacher_NV.shape)}")
+    return _VocabParallelKL.apply(student_NV, teacher_NV.detach(), axis, temperature)

@@ -48,12 +48,20 @@ def _barrier(topology: Topology) -> None:
         dist.barrier()
 
 
+def _masks(model, topology: Topology) -> dict:
+    """N:M sparsity masks in use (``tedmoe.compress.qat``), sharded like their weights."""
+    from tedmoe.compress import qat
+
+    return {f"qat/mask/{name}": as_dtensor(mask, p, topology) for name, (mask, p) in qat.masks(model).items()}
+
+
 def _state(model, optimizer, topology: Topology) -> tuple[dict, list]:
-    """The DCP state dict (views of the live parameters; fresh optimizer-state tensors)."""
+    """The DCP state dict (views of the live parameters and N:M masks; fresh optimizer-state tensors)."""
     state, optim = {}, []
     names = {id(p): n for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
         state[f"model/{name}"] = as_dtensor(p.data, p, topology)
+    state.update(_masks(model, topology))
     for group in optimizer.groups:
         states = group.per_param_states()
         optim.append((group, states))
@@ -75,6 +83,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
         tmp.mkdir(parents=True)
     _barrier(topology)
     state, _ = _state(model, optimizer, topology)
+    if any(k.startswith("qat/mask/") for k in state):
+        meta = {**meta, "nm_masks": True}
     with _quiet():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=topology.world_size == 1)
     faults.maybe_fail("save", topology.rank, step)
@@ -148,11 +158,7 @@ def load_checkpoint(path: str | Path, model, optimizer, topology: Topology, mode
     if diff:
         raise CheckpointError(f"checkpoint {meta['path']} was made for another model (differs in {', '.join(diff)})")
     state, optim = _state(model, optimizer, topology)
-    try:
-        with _quiet():
-            dcp.load(state, checkpoint_id=meta["path"], no_dist=topology.world_size == 1)
-    except Exception as err:  # DCP raises many kinds; all mean this checkpoint cannot be read
-        raise CheckpointError(f"checkpoint {meta['path']} cannot be read: {str(err).splitlines()[0][:200]}") from None
+    _load(meta, state, model, topology)
     for group, states in optim:
         group.load_per_param_states(states)
     optimizer.loss_scale, optimizer.good_steps = meta["loss_scale"], meta["good_steps"]
@@ -164,9 +170,26 @@ def load_model_weights(path: str | Path, model, topology: Topology) -> dict:
     """Only the model weights of a checkpoint (for generation), in any layout."""
     meta = read_meta(path)
     state = {f"model/{n}": as_dtensor(p.data, p, topology) for n, p in model.named_parameters()}
+    _load(meta, {**state, **_masks(model, topology)}, model, topology)
+    return meta
+
+
+def _load(meta: dict, state: dict, model, topology: Topology) -> None:
+    """Read ``state`` in place. N:M masks come from checkpoints that have them (older ones: the
+    masks stay computed from the loaded weights at the next forward)."""
+    from tedmoe.compress import qat
+
+    masks = [k for k in state if k.startswith("qat/mask/")]
+    if masks and not meta.get("nm_masks"):
+        state = {k: v for k, v in state.items() if k not in masks}
     try:
         with _quiet():
             dcp.load(state, checkpoint_id=meta["path"], no_dist=topology.world_size == 1)
-    except Exception as err:  # see load_checkpoint
+    except Exception as err:  # DCP raises many kinds; all mean this checkpoint cannot be read
         raise CheckpointError(f"checkpoint {meta['path']} cannot be read: {str(err).splitlines()[0][:200]}") from None
-    return meta
+    if masks and meta.get("nm_masks"):
+        qat.restored(model, meta["step"])
+    elif masks:
+        for _, module in model.named_modules():
+            for t in (getattr(module, "weight_transforms", None) or {}).values():
+                t.mask = None

@@ -98,6 +98,8 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes
                          f"{cfg.model.vocab_size}; set model.vocab_size >= {ds.vocab_size} (a multiple of tp)")
     BatchSampler(ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
     BatchSampler(val, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)
+    if cfg.compress.teacher is not None:
+        check_teacher(cfg, world)
     found = ckpt.latest_checkpoint(Path(cfg.out_dir) / "checkpoints") if resume else None
     if found is None:
         return {"checkpoint": None, "step": 0, "finished": False}
@@ -112,6 +114,25 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes
                                    "--accept-changes to continue with the new ones, or resume with the old ones")
     ckpt.verify(found)
     return {"checkpoint": found, "step": meta["step"], "finished": meta["step"] >= cfg.train.max_steps}
+
+
+def check_teacher(cfg: RunConfig, world: int) -> None:
+    """The distillation teacher exists, shares the vocabulary and fits the run's layout."""
+    from tedmoe.runtime.loading import model_config_of
+
+    where = f"compress.teacher={cfg.compress.teacher}"
+    try:
+        teacher = model_config_of(cfg.compress.teacher)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if teacher.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"{where} has a vocabulary of {teacher.vocab_size}, the model {cfg.model.vocab_size}; "
+                         "distil from a model trained with the same tokenizer")
+    p = cfg.parallel
+    try:
+        teacher.validate(p.tp, p.ep, p.sp)
+    except ValueError as err:
+        raise ValueError(f"{where} cannot run in this layout (tp={p.tp}, ep={p.ep}, sp={p.sp}): {err}") from None
 
 
 def dataset_digest(ds: TokenDataset) -> dict:
@@ -238,6 +259,11 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
 
         c = cfg.compress
         transforms = qat.apply(model, c.method, c.n, c.m, c.refresh_every)
+    if cfg.compress.teacher is not None:  # distillation: the teacher in the same layout, each rank its slices
+        from tedmoe.runtime.loading import load_model
+
+        teacher, _ = load_model(cfg.compress.teacher, topo)
+        model.set_teacher(teacher, cfg.compress.distill_weight, cfg.compress.temperature)
     apply_checkpointing(model, cfg.train.checkpointing)
     engine = Engine(model, topo, cfg.train)
     sampler = BatchSampler(train_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)

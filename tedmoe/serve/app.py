@@ -73,7 +73,7 @@ class ServingLoop:
         self._thread = threading.Thread(target=self._run, name="tedmoe-engine", daemon=True)
         self.error: BaseException | None = None
         self._cancelled: list[int] = []
-        self.finished = 0  # requests ended by the loop (any reason but a shutdown's cancel)
+        self.finished = 0  # requests that ended while the loop ran (done, stopped or cancelled by their client)
 
     def start(self) -> None:
         self._thread.start()
@@ -107,7 +107,12 @@ class ServingLoop:
             loop.call_soon_threadsafe(channel.put_nowait, event)
 
     def _finish(self, r: Request) -> None:
+        """A request ended while the loop ran: counted in ``finished``."""
         self.finished += 1
+        self._close(r)
+
+    def _close(self, r: Request) -> None:
+        """Tell ``r``'s client that it ended, and forget it."""
         self.metrics.requests.labels(r.finish_reason).inc()
         self._send(r.uid, ("done", r.finish_reason))
         self._channels.pop(r.uid, None)
@@ -162,11 +167,10 @@ class ServingLoop:
                 self._send(uid, ("error", f"the engine failed: {err}"))
             raise
         finally:
-            for r in list(self.scheduler.running) + list(self.scheduler.waiting):
+            for r in list(self.scheduler.running) + list(self.scheduler.waiting):  # cancelled, not finished
                 self.scheduler.cancel(r.uid)
                 self._cancelled.append(r.uid)
-                self._finish(r)
-                self.finished -= 1
+                self._close(r)
 
     def _update_gauges(self) -> None:
         s = self.scheduler
@@ -176,47 +180,90 @@ class ServingLoop:
 
 
 class _Text:
-    """Incremental detokenisation with stop strings: the text of the tokens so far, the part not
-    yet sent, and whether a stop string ended it (holding back an incomplete UTF-8 character and
-    any tail that could still become a stop string)."""
+    """Incremental detokenisation with stop strings: the text each new token adds, the part of it
+    that can be sent now, and whether a stop string ended it (holding back an incomplete UTF-8
+    character and, before it, the last ``hold`` characters, which could still begin a stop string).
+
+    A token costs the decode of a few tokens, not of the whole output so far: of the tokens whose
+    text is not final yet (``fresh``: it ends in an incomplete character, a multi-byte character
+    split over byte tokens or BPE pieces), after up to ``CONTEXT`` final tokens as left context, so
+    that a tokenizer whose text for a token depends on the token before (a leading space dropped at
+    the start, say) gives the text that decoding everything gives. The fresh tokens' text is the
+    decode of context + fresh minus the decode of the context."""
+
+    CONTEXT = 4  # final tokens decoded before the fresh ones
+    CHAR = 4  # the most tokens one character can take (its UTF-8 bytes)
+    FRESH = 8  # fresh tokens beyond which all but the last CHAR are final (a run of invalid bytes)
 
     def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer, self.stops, self.ids, self.sent = tokenizer, stops, [], 0
+        self.tokenizer, self.stops = tokenizer, stops
+        self.hold = max((len(s) - 1 for s in stops), default=0)
+        self.context: list[int] = []
+        self.fresh: list[int] = []
+        self.text = ""  # the fresh tokens' text
+        self.skip = 0  # its first characters that were sent already
+        self.pending = ""  # final text not sent yet (it comes before ``text``)
         self.stopped = False
 
     def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        self.fresh.append(token)
+        self.text = self._decode(self.fresh)
+        if not self.text.endswith("\ufffd"):
+            self._settle(len(self.fresh), self.text)
+        elif len(self.fresh) > self.FRESH:
+            head = self._decode(self.fresh[:-self.CHAR])
+            if self.text.startswith(head):
+                self._settle(len(self.fresh) - self.CHAR, head)
+        unsent = self.pending + self.text[self.skip:]
         for s in self.stops:
-            at = text.find(s)
+            at = unsent.find(s)
             if at >= 0:
                 self.stopped = True
-                return self._emit(text[:at])
-        hold = max((len(s) - 1 for s in self.stops), default=0)
-        safe = len(text) - hold
-        while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete character
+                return self._send(unsent, at)
+        end = len(unsent)
+        while end > 0 and unsent[end - 1] == "\ufffd":  # an incomplete character
+            end -= 1
+        safe = end - self.hold
+        while safe > 0 and unsent[safe - 1] == "\ufffd":
             safe -= 1
-        return self._emit(text[:max(safe, self.sent)])
+        return self._send(unsent, max(safe, 0))
 
     def flush(self) -> str:
-        return "" if self.stopped else self._emit(self.tokenizer.decode(self.ids))
+        return "" if self.stopped else self._send(self.pending + self.text[self.skip:], None)
 
-    def _emit(self, text: str) -> str:
-        out = text[self.sent:]
-        self.sent = len(text)
+    def _decode(self, tokens: list[int]) -> str:
+        """The text ``tokens`` add after the context."""
+        before = self.tokenizer.decode(self.context) if self.context else ""
+        return self.tokenizer.decode(self.context + tokens)[len(before):]
+
+    def _settle(self, n: int, text: str) -> None:
+        """The first ``n`` fresh tokens, whose text is ``text``, become final."""
+        sent = min(self.skip, len(text))
+        self.pending += text[sent:]
+        self.skip -= sent
+        self.text = self.text[len(text):]
+        self.context = (self.context + self.fresh[:n])[-self.CONTEXT:]
+        self.fresh = self.fresh[n:]
+
+    def _send(self, unsent: str, n: int | None) -> str:
+        """The first ``n`` characters of the unsent text (all for ``None``), now sent."""
+        out = unsent[:n]
+        taken = min(len(out), len(self.pending))
+        self.pending = self.pending[taken:]
+        self.skip += len(out) - taken
         return out
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
     """The tokenizer's chat template rendered for ``messages`` (``ValueError`` when it has none)."""
     text = getattr(tokenizer, "config_text", None)
-    template = json.loads(text).get("chat_template") if text else None
+    config = json.loads(text) if text else {}
+    template = config.get("chat_template")
     if not template:
         raise ValueError("this model's tokenizer has no chat template (its tokenizer_config.json carries none); "
                          "use /v1/completions with a prompt, or export the model with a tokenizer that has one")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    config = json.loads(text)
     special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
                if k in ("bos_token", "eos_token")}
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

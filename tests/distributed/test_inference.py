@@ -79,18 +79,29 @@ def compressed_logits(path, x):
 
 
 def test_compressed_models_load_into_layouts_with_the_one_process_logits(world4, tmp_path):
-    """INT8 and INT4 directories sliced per rank (rows or columns over tp, experts over ep) give
-    the logits of the same directory in one process."""
+    """INT8, INT4, packed ternary (one scale per row, kept whole where tp splits the inputs) and
+    N:M directories sliced per rank (rows or columns over tp, experts over ep) give the logits of
+    the same directory in one process."""
+    import copy
+
     from tedmoe.compress import model as compressed
+    from tedmoe.compress import qat
     from tedmoe.data.tokenizer import ByteTokenizer
     from tedmoe.inference.generate import load_model
     from tests.unit.test_compress import float_model
 
     model = float_model()
     x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(6))
-    for method in ("int8", "int4"):
+    for method in ("int8", "int4", "ternary", "nm"):
         path = tmp_path / method
-        compressed.save(model.state_dict(), model.config, method, 32, path, ByteTokenizer())
+        state = model.state_dict()
+        if method in compressed.TRAINED:  # the weights a quantisation-aware run's forward uses
+            trained = copy.deepcopy(model)
+            qat.apply(trained, method)
+            qat.bake(trained)
+            state = trained.state_dict()
+        compressed.save(state, model.config, method, 32 if method in compressed.GROUPED else None, path,
+                        ByteTokenizer())
         want = load_model(path, routing="dropless")[0].logits(x)
         for rank, got in enumerate(world4.run(compressed_logits, str(path), x)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{method} rank {rank}: {m}")

@@ -17,10 +17,21 @@ METHODS = ["binary", "ternary", "nm"]
 STEPS = 5
 
 
-def run(topology, method, checkpointing="none"):
+def teacher(topology):
+    """Another model of the same vocabulary (its own weights and experts), in the same layout."""
+    cfg = te.model_config()
+    cfg.moe.num_experts = 8
+    model = GPTMoE(cfg, topology)
+    model.init_weights(seed=7)
+    return model
+
+
+def run(topology, method, checkpointing="none", distill=None):
     model = GPTMoE(te.model_config(), topology)
     model.init_weights(seed=0)
-    transforms = qat.apply(model, method, n=2, m=4, refresh_every=2)
+    transforms = qat.apply(model, method, n=2, m=4, refresh_every=2) if method != "none" else []
+    if distill is not None:
+        model.set_teacher(teacher(topology), *distill)
     apply_checkpointing(model, checkpointing)
     engine = te.Engine(model, topology, te.train_config())
 
@@ -32,10 +43,10 @@ def run(topology, method, checkpointing="none"):
     return train_and_gather(engine, batches, STEPS, te.MICRO_BATCHES)
 
 
-def check_layouts(method):
+def check_layouts(method, distill=None, layouts=LAYOUTS):
     out = {}
-    for tp, ep, ckpt in LAYOUTS:
-        result = run(Topology(4, tp=tp, ep=ep), method, ckpt)
+    for tp, ep, ckpt in layouts:
+        result = run(Topology(4, tp=tp, ep=ep), method, ckpt, distill)
         out[(tp, ep, ckpt)] = result if torch.distributed.get_rank() == 0 else None
     return out
 
@@ -47,6 +58,20 @@ def test_qat_matches_single_process(world4, method):
     assert abs(reference[0] - float_run[0]) > 1e-3  # the transformed weights change the loss
     for (tp, ep, ckpt), result in world4.run(check_layouts, method)[0].items():
         assert_matches_reference(f"{method} tp={tp} ep={ep} checkpointing={ckpt}", result, reference)
+
+
+DISTILL = [("ternary", (0.5, 2.0)), ("none", (1.0, 1.0))]  # (method, (weight, temperature))
+
+
+@pytest.mark.parametrize("method,distill", DISTILL)
+def test_distillation_matches_single_process(world4, method, distill):
+    """The KL term over the vocabulary that tp splits, with a teacher whose experts ep splits."""
+    reference = run(Topology.single(), method, distill=distill)
+    plain = run(Topology.single(), method)
+    assert abs(reference[0] - plain[0]) > 1e-3  # the teacher changes the loss
+    layouts = LAYOUTS + [(1, 4, "none")]
+    for (tp, ep, ckpt), result in world4.run(check_layouts, method, distill, layouts)[0].items():
+        assert_matches_reference(f"distil {method} {distill} tp={tp} ep={ep} checkpointing={ckpt}", result, reference)
 
 
 def test_the_transforms_compute_what_they_say():

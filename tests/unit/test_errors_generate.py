@@ -1,4 +1,4 @@
-"""`tedmoe generate`, `tedmoe plot` and `tedmoe demo` refuse bad input in one line with exit code 2."""
+"""`tedmoe generate`, `tedmoe serve`, `tedmoe plot` and `tedmoe demo` refuse bad input in one line with exit code 2."""
 
 import os
 
@@ -54,6 +54,31 @@ def test_bad_generate_input_is_one_line(capsys, run_dir, tmp_path, args, message
     if "--ckpt" not in args:
         args += ["--ckpt", str(run_dir)]
     one_line(*cli(capsys, "generate", *args), message)
+
+
+SERVE = [  # generate and serve share the engine options; serve checks them before it loads or binds
+    (["--set", "model.hidden_size=8"], "--set model.hidden_size=8: serve takes only parallel.* settings"),
+    (["--set", "parallel.tp=3"], "tp=3 does not divide world_size=1"),
+    (["--set", "parallel.sp=2"], "generation runs TP x EP layouts; leave parallel.sp=1"),
+    (["--nproc", "0"], "argument --nproc: 0 must be >= 1"),
+    (["--kv-memory-gib", "0"], "argument --kv-memory-gib: 0 must be > 0"),
+    (["--block-size", "0"], "argument --block-size: 0 must be >= 1"),
+    (["--policy", "fast"], "argument --policy: invalid choice: 'fast'"),
+    (["--port", "-1"], "argument --port: -1 must be >= 0"),
+    (["--port", "70000"], "argument --port: 70000 is not a TCP port (0-65535; 0 picks a free one)"),
+    (["--token-budget", "0"], "argument --token-budget: 0 must be >= 1"),
+    (["--max-seqs", "0"], "argument --max-seqs: 0 must be >= 1"),
+    (["--routing", "any"], "argument --routing: invalid choice: 'any'"),
+    (["--ckpt", "{tmp}/nope"], "does not exist; pass a run directory or a checkpoint directory"),
+]
+
+
+@pytest.mark.parametrize("args,message", SERVE, ids=[" ".join(g[0]) for g in SERVE])
+def test_bad_serve_input_is_one_line(capsys, run_dir, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if "--ckpt" not in args:
+        args += ["--ckpt", str(run_dir)]
+    one_line(*cli(capsys, "serve", *args), message)
 
 
 def test_generate_works_on_the_same_run(capsys, run_dir):

@@ -21,6 +21,7 @@ FORBIDDEN = {  # package -> modules it may not import (prefixes)
     "runtime": ("tedmoe.inference", "tedmoe.examples", "tedmoe.cli"),  # training never needs the layers above it
     "inference": ("tedmoe.runtime.trainer", "tedmoe.examples", "tedmoe.cli"),
     "interop": ("tedmoe.runtime", "tedmoe.inference", "tedmoe.examples", "tedmoe.cli"),
+    "compress": ("tedmoe.inference", "tedmoe.serve", "tedmoe.examples", "tedmoe.cli"),  # the engine loads it, not back
 }
 
 

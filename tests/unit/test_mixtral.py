@@ -7,71 +7,52 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tedmoe.config import ModelConfig, MoEConfig
 from tedmoe.interop import families, hf
 from tedmoe.model.transformer import GPTMoE
 from tedmoe.parallel.topology import Topology
+from tests.unit import hf_helpers
+from tests.unit.hf_helpers import (assert_export_has_equal_logits, assert_greedy_generation_equal,
+                                   assert_round_trip_keeps_the_tensors, assert_same_logits,
+                                   assert_train_init_from_keeps_the_logits, imported, random_hf_model, token_ids)
 
 transformers = pytest.importorskip("transformers")
 
-TOL = {"rtol": 1e-4, "atol": 1e-5}
+TOL = hf_helpers.TOL  # tests/distributed/test_mixtral.py takes it from here
 
 
 def hf_model(tmp_path, seed=0):
     """A tiny random Mixtral written by transformers (GQA, 4 experts, top-2, a rope base of its own)."""
-    torch.manual_seed(seed)
     cfg = transformers.MixtralConfig(vocab_size=80, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
                                      num_attention_heads=6, num_key_value_heads=2, num_local_experts=4,
                                      num_experts_per_tok=2, max_position_embeddings=64, rope_theta=5000.0,
                                      rms_norm_eps=1e-6, tie_word_embeddings=False)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    for p in model.parameters():  # larger than the default init, so routing and logits vary
-        torch.nn.init.normal_(p, std=0.2)
-    model.save_pretrained(tmp_path / "hf")
-    return model, tmp_path / "hf"
+    return random_hf_model(tmp_path / "hf", transformers.MixtralForCausalLM, cfg, seed), tmp_path / "hf"
 
 
 def ids():
-    return torch.randint(0, 80, (3, 17), generator=torch.Generator().manual_seed(1))
+    return token_ids(80)
 
 
 def test_a_transformers_checkpoint_imports_with_equal_logits(tmp_path):
     model, path = hf_model(tmp_path)
-    cfg, state = hf.load(path)
+    cfg, ours = imported(path)
     assert (cfg.num_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.moe.dropless) == (2, 5000.0, 1e-6, True)
-    ours = GPTMoE(cfg, Topology.single()).eval()
-    ours.load_state_dict(state)
-    with torch.no_grad():
-        want = model(ids()).logits
-    torch.testing.assert_close(ours.logits(ids()), want, **TOL)
+    assert_same_logits(ours, model, ids())
 
 
 def test_an_export_loads_into_transformers_with_equal_logits(tmp_path):
     cfg = ModelConfig(vocab_size=72, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
                       rope_theta=20000.0, moe_every=1,
                       moe=MoEConfig(ffn_hidden_size=24, num_experts=4, top_k=2, activation="swiglu", dropless=True))
-    ours = GPTMoE(cfg, Topology.single()).eval()
-    ours.init_weights(seed=3)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.mul_(8.0) if p.dim() > 1 else None  # routing and logits far from uniform
-    out = hf.save(ours.state_dict(), cfg, tmp_path / "export")
-    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(loaded).__name__ == "MixtralForCausalLM"
-    x = torch.randint(0, 72, (2, 19), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.logits(x), loaded(x).logits, **TOL)
+    config = assert_export_has_equal_logits(cfg, tmp_path / "export", "MixtralForCausalLM")
+    assert config["model_type"] == "mixtral"
 
 
 def test_import_then_export_gives_the_same_tensors(tmp_path):
     _, path = hf_model(tmp_path)
-    cfg, state = hf.load(path)
-    out = hf.save(state, cfg, tmp_path / "again")
-    a, b = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_round_trip_keeps_the_tensors(path, tmp_path / "again")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -140,8 +121,7 @@ def test_tedmoe_export_writes_what_transformers_loads(runs, tmp_path, capsys):
     text = "def main():\n    return 0"
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == tokenizer.encode(text)
     x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.logits(x), theirs(x).logits, **TOL)
+    assert_same_logits(ours, theirs, x)
 
 
 @pytest.mark.parametrize("run,out,message", [
@@ -180,25 +160,6 @@ def test_exported_tokenizers_give_tedmoe_ids_in_transformers(tmp_path):
             assert theirs.decode(ids) == text, (name, text)
 
 
-def assert_greedy_generation_equal(model, path):
-    """32 greedy tokens from transformers' ``generate`` equal tedmoe's, by recomputation and on
-    the engine (KV cache), from the directory ``path`` holding ``model``."""
-    from tedmoe.inference.engine import InferenceEngine
-    from tedmoe.inference.generate import generate, generate_batch, load_model
-    from tedmoe.data.tokenizer import ByteTokenizer
-    from tedmoe.inference.sampling import SamplingParams
-
-    (path / "tokenizer.json").write_text(hf.tokenizer_json(ByteTokenizer()))  # load_model wants one
-    ours, _ = load_model(path, routing="dropless")
-    prompt = [5, 17, 42, 8]
-    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0,
-                            eos_token_id=None)[0].tolist()
-    assert generate(ours, prompt, 32, greedy=True) == theirs
-    engine = InferenceEngine(ours, block_size=8, num_blocks=16)
-    assert generate_batch(engine, [prompt], 32, SamplingParams(temperature=0.0))[0] == theirs
-    assert len(set(theirs[4:])) > 3  # not one token repeated
-
-
 def test_greedy_generation_equals_transformers_token_for_token(tmp_path):
     assert_greedy_generation_equal(*hf_model(tmp_path, seed=4))
 
@@ -222,25 +183,11 @@ def test_train_init_from_starts_from_the_checkpoint(tmp_path, capsys):
     """``tedmoe train --init-from DIR``: the architecture comes from the directory (the tiny
     preset's differs) and the weights too: after one step at a negligible learning rate the
     exported model still gives transformers' logits."""
-    from tedmoe.cli import main
-
-    torch.manual_seed(0)
     config = transformers.MixtralConfig(vocab_size=256, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
                                         num_attention_heads=6, num_key_value_heads=2, num_local_experts=4,
                                         num_experts_per_tok=2, max_position_embeddings=64, tie_word_embeddings=False)
-    model = transformers.MixtralForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "base")
-    out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--init-from", str(tmp_path / "base"), "--out", str(out),
-                 "--set", "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.lr=1e-12",
-                 "--set", "model.moe.dropless=true"]) == 0
-    capsys.readouterr()
-    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
-    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tuned, _ = assert_train_init_from_keeps_the_logits(tmp_path, capsys, transformers.MixtralForCausalLM, config)
     assert tuned.config.hidden_size == 48 and tuned.config.num_local_experts == 4
-    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        torch.testing.assert_close(tuned(x).logits, model(x).logits, **TOL)
 
 
 def test_a_large_export_is_sharded_with_an_index_that_both_sides_read(tmp_path):
@@ -252,8 +199,7 @@ def test_a_large_export_is_sharded_with_an_index_that_both_sides_read(tmp_path):
     assert len(files) > 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     assert not (out / "model.safetensors").exists()
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids()).logits, model(ids()).logits, **TOL)
+    assert_same_logits(loaded, model, ids())
     cfg2, state2 = hf.load(out)
     assert cfg2 == cfg and all(torch.equal(state2[k], state[k]) for k in state)
     (out / files[1]).unlink()

@@ -6,63 +6,45 @@ gates (``norm_topk_prob: false``, Qwen3's default) as well as normalised ones, o
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from tedmoe.config import ModelConfig, MoEConfig
 from tedmoe.interop import families, hf
-from tedmoe.model.transformer import GPTMoE
-from tedmoe.parallel.topology import Topology
-from tests.unit.test_mixtral import assert_greedy_generation_equal
+from tests.unit.hf_helpers import (assert_export_has_equal_logits, assert_greedy_generation_equal,
+                                   assert_round_trip_keeps_the_tensors, assert_same_logits,
+                                   assert_train_init_from_keeps_the_logits, imported, random_hf_model, token_ids)
 
 transformers = pytest.importorskip("transformers")
 
-TOL = {"rtol": 1e-4, "atol": 1e-5}
 VOCAB = 96
 
 
 def hf_model(tmp_path, seed=0, norm_topk_prob=False, **extra):
     """A tiny random Qwen3-MoE written by transformers: 6 heads of 12 (72 != 48), GQA 2, 4 experts top-2."""
-    torch.manual_seed(seed)
     cfg = transformers.Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, moe_intermediate_size=40,
                                       num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=12,
                                       num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob,
                                       max_position_embeddings=64, rope_parameters={"rope_type": "default",
                                                                                    "rope_theta": 7000.0},
                                       rms_norm_eps=1e-6, **extra)
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    for name, p in model.named_parameters():  # larger than the default init, so routing and logits vary
-        if name.endswith("norm.weight"):
-            torch.nn.init.uniform_(p, 0.5, 1.5)  # the q/k norms' weights matter
-        else:
-            torch.nn.init.normal_(p, std=0.2)
     path = tmp_path / f"qwen-{seed}-{norm_topk_prob}"
-    model.save_pretrained(path)
-    return model, path
+    return random_hf_model(path, transformers.Qwen3MoeForCausalLM, cfg, seed, vary_norms=True), path
 
 
 def ids():
-    return torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
+    return token_ids(VOCAB)
 
 
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 def test_a_transformers_checkpoint_imports_with_equal_logits(tmp_path, norm_topk_prob):
     model, path = hf_model(tmp_path, norm_topk_prob=norm_topk_prob)
-    cfg, state = hf.load(path)
+    cfg, ours = imported(path)
     assert (cfg.head_dim, cfg.qk_norm, cfg.moe.normalize_gates, cfg.rope_theta) == (12, True, norm_topk_prob, 7000.0)
-    ours = GPTMoE(cfg, Topology.single()).eval()
-    ours.load_state_dict(state)
-    with torch.no_grad():
-        want = model(ids()).logits
-    torch.testing.assert_close(ours.logits(ids()), want, **TOL)
+    assert_same_logits(ours, model, ids())
 
 
 def test_import_then_export_gives_the_same_tensors_and_config(tmp_path):
     _, path = hf_model(tmp_path)
-    cfg, state = hf.load(path)
-    out = hf.save(state, cfg, tmp_path / "again")
-    a, b = load_file(str(path / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    cfg, out = assert_round_trip_keeps_the_tensors(path, tmp_path / "again")
     assert hf.read_config(out) == cfg
 
 
@@ -71,19 +53,8 @@ def test_a_qk_norm_model_exports_as_qwen3_moe_with_equal_logits(tmp_path):
                       qk_norm=True, max_seq_len=32, rope_theta=20000.0, moe_every=1,
                       moe=MoEConfig(ffn_hidden_size=24, num_experts=4, top_k=2, activation="swiglu", dropless=True,
                                     normalize_gates=False))
-    ours = GPTMoE(cfg, Topology.single()).eval()
-    ours.init_weights(seed=3)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            p.mul_(8.0) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    out = hf.save(ours.state_dict(), cfg, tmp_path / "export")
-    config = json.loads((out / "config.json").read_text())
+    config = assert_export_has_equal_logits(cfg, tmp_path / "export", "Qwen3MoeForCausalLM", vary_norms=True)
     assert (config["model_type"], config["norm_topk_prob"], config["head_dim"]) == ("qwen3_moe", False, 10)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(loaded).__name__ == "Qwen3MoeForCausalLM"
-    x = torch.randint(0, 72, (2, 19), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.logits(x), loaded(x).logits, **TOL)
 
 
 def test_greedy_generation_equals_transformers_token_for_token(tmp_path):
@@ -122,24 +93,11 @@ def test_the_family_follows_qk_norm_and_mixtral_still_refuses_unnormalised_gates
 def test_train_init_from_a_qwen3_moe_directory(tmp_path, capsys):
     """``tedmoe train --init-from`` takes the Qwen3-MoE architecture (head size, q/k norms, gates)
     from the directory; after one step at a negligible learning rate the export equals it."""
-    from tedmoe.cli import main
-
-    torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          head_dim=16, num_experts=4, num_experts_per_tok=2,
                                          max_position_embeddings=64)
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    model.save_pretrained(tmp_path / "base")
-    out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--init-from", str(tmp_path / "base"), "--out", str(out),
-                 "--set", "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.lr=1e-12",
-                 "--set", "model.moe.dropless=true"]) == 0
-    capsys.readouterr()
-    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
-    assert "Qwen3-MoE layout" in capsys.readouterr().out
-    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tuned, printed = assert_train_init_from_keeps_the_logits(tmp_path, capsys, transformers.Qwen3MoeForCausalLM,
+                                                             config)
+    assert "Qwen3-MoE layout" in printed
     assert type(tuned).__name__ == "Qwen3MoeForCausalLM" and tuned.config.head_dim == 16
-    x = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        torch.testing.assert_close(tuned(x).logits, model(x).logits, **TOL)

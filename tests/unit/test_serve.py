@@ -3,7 +3,9 @@ prompts, streaming, stop strings, seeds), chat with and without a template, mode
 metrics and bad requests, over real HTTP on loopback. Greedy answers are held to recomputing
 generation; concurrent requests each get their own answer."""
 
+import asyncio
 import json
+import random
 import socket
 import threading
 import time
@@ -18,7 +20,9 @@ uvicorn = pytest.importorskip("uvicorn")
 from tedmoe.data.tokenizer import ByteTokenizer  # noqa: E402
 from tedmoe.inference.engine import InferenceEngine  # noqa: E402
 from tedmoe.inference.generate import generate  # noqa: E402
-from tedmoe.serve.app import ServingLoop, create_app  # noqa: E402
+from tedmoe.inference.sampling import SamplingParams  # noqa: E402
+from tedmoe.inference.scheduler import Request, StepResult  # noqa: E402
+from tedmoe.serve.app import ServingLoop, _Text, create_app  # noqa: E402
 from tests.unit.test_inference_engine import build, model_config  # noqa: E402
 
 TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
@@ -152,3 +156,110 @@ def test_chat_with_a_template():
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == out.choices[0].message.content
     finally:
         assert s.close() == []
+
+
+def test_the_loop_counts_finished_requests_and_cancels_the_rest_at_stop():
+    """One request ends by its length and one is cancelled by its client: both finished. One still
+    generating when the loop stops is cancelled, not finished; the metrics count every reason."""
+    model = build(model_config(vocab_size=256, max_seq_len=128))
+    loop = ServingLoop(InferenceEngine(model, block_size=8, num_blocks=200), ByteTokenizer(), token_budget=64)
+    paused, step = threading.Event(), loop.scheduler.step
+    loop.scheduler.step = lambda: StepResult([], [], 0, 0) if paused.is_set() else step()
+
+    async def run():
+        def submit(max_tokens):
+            r = Request(uid=loop.new_uid(), prompt=[1, 2, 3], max_tokens=max_tokens,
+                        params=SamplingParams(temperature=0.0))
+            return r.uid, loop.submit(r)
+
+        async def until_done(channel):
+            while (event := await channel.get())[0] == "token":
+                pass
+            return event
+
+        _, short = submit(2)
+        assert await until_done(short) == ("done", "length")
+        uid, dropped = submit(120)
+        assert (await dropped.get())[0] == "token"
+        loop.cancel(uid)
+        assert await until_done(dropped) == ("done", "cancelled")
+        uid, left = submit(120)
+        assert (await left.get())[0] == "token"
+        paused.set()  # no more forwards: it is still generating when the loop stops
+        assert await asyncio.to_thread(loop.stop) == [uid]
+        assert await until_done(left) == ("done", "cancelled")
+
+    loop.start()
+    asyncio.run(run())
+    assert loop.finished == 2
+    count = loop.metrics.registry.get_sample_value
+    assert [count("tedmoe_requests_total", {"finish_reason": r}) for r in ("length", "cancelled")] == [1, 2]
+
+
+class CountingTokenizer(ByteTokenizer):
+    """The byte tokenizer, counting the tokens each ``decode`` is given."""
+
+    def __init__(self):
+        self.decoded = 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return super().decode(ids)
+
+
+def stream_text(tokenizer, ids, stops=()):
+    """``_Text``'s pieces for ``ids`` (up to a stop string), the flush last; and whether it stopped."""
+    text = _Text(tokenizer, list(stops))
+    pieces = []
+    for i in ids:
+        pieces.append(text.add(i))
+        if text.stopped:
+            break
+    return pieces + [text.flush()], text.stopped
+
+
+def test_incremental_text_decodes_a_bounded_window_per_token():
+    """A long output with 2-, 3- and 4-byte characters split over byte tokens: the pieces add up to
+    the full decode, never show half a character, and each token decodes a few tokens whatever the
+    length so far."""
+    tok = CountingTokenizer()
+    rng = random.Random(0)
+    ids = list("".join(rng.choice("ab c\né€日🎉") for _ in range(2500)).encode())
+    assert len(ids) > 4000
+    text, per_token, pieces = _Text(tok, []), [], []
+    for i in ids:
+        before = tok.decoded
+        pieces.append(text.add(i))
+        per_token.append(tok.decoded - before)
+    pieces.append(text.flush())
+    assert "".join(pieces) == ByteTokenizer().decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert sum(p != "" for p in pieces) > 1500  # it streamed: a piece per complete character
+    assert max(per_token) <= 2 * _Text.CONTEXT + 4  # the context, then it and a 4-byte character
+
+
+def test_incremental_text_stops_where_decoding_every_prefix_would():
+    """Random outputs (valid UTF-8 and stray bytes) with stop strings that span tokens and
+    characters: the text sent is the full decode up to the first stop string to appear, even when
+    the token after its first character is the first byte of its next one."""
+    tok = ByteTokenizer()
+
+    def expected(ids, stops):
+        for k in range(1, len(ids) + 1):
+            text = tok.decode(ids[:k])
+            for s in stops:
+                if s in text:
+                    return text[:text.find(s)], True
+        return tok.decode(ids), False
+
+    pieces, stopped = stream_text(tok, list("x€日y".encode()), ["€日"])
+    assert ("".join(pieces), stopped) == ("x", True)
+    rng = random.Random(1)
+    for trial in range(600):
+        if trial % 2:
+            ids = [rng.choice([0x41, 0x80, 0xac, 0xe2, 0x82, 0xf0, 0x9f, 0xff, 0xc3, 0xa9]) for _ in range(40)]
+        else:
+            ids = list("".join(rng.choice("ab cé€日🎉") for _ in range(30)).encode())
+        stops = rng.choice([[], ["b c"], ["€日", "a"], ["🎉"], ["A€", "é€"], ["\n"]])
+        pieces, stopped = stream_text(tok, ids, stops)
+        assert ("".join(pieces), stopped) == expected(ids, stops), (ids, stops)
