@@ -204,6 +204,12 @@ class TrainConfig:
     """fp16 only: steps without overflow before the scale doubles."""
     tile_size: PosInt | None = 1 << 20
     """Elements per tile of the optimizer step (``None``: the whole shard at once)."""
+    zero_stage: Annotated[int, Range(ge=1, le=2)] = 1
+    """ZeRO stage: 1 shards the optimizer states (the gradients of a step are kept whole until
+    the step), 2 the gradients as well: each bucket of gradients is reduce-scattered to its owners
+    as soon as the backward has produced it, and no whole gradient is kept."""
+    reduce_bucket_size: PosInt = 1 << 22
+    """ZeRO-2: elements per gradient bucket (each rank owns 1/n of every bucket)."""
     max_bad_steps: NonNegInt = 0
     """Steps in a row whose gradients are NaN or infinite (bf16/fp32) that are skipped before
     the run stops; fp16 overflow is handled by the loss scale instead."""

@@ -52,10 +52,16 @@ class Engine:
         from tedmoe.parallel.sharding import full_of, replica_axis
 
         scale = 1.0 / (self.topology.size("dp") * num_micro_batches * self.optimizer.loss_scale)
+        summed = {}  # ZeRO-2: the gradients live reduced in the owners' shards
+        if self.config.zero_stage == 2:
+            summed = {id(p): g for group in self.optimizer.groups for p, g in zip(group.params, group.gradients())}
         out = {}
         for name, p in self.model.named_parameters():
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            g = comm.all_reduce(g.float(), self.topology.axis(replica_axis(p))) * scale
+            if id(p) in summed:
+                g = summed[id(p)].float() * scale
+            else:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                g = comm.all_reduce(g.float(), self.topology.axis(replica_axis(p))) * scale
             out[name] = full_of(g, p, self.topology)
         return out
 
@@ -88,6 +94,7 @@ class Engine:
             if self.poison_next_step:
                 loss = loss * float("nan")
             (loss * self.optimizer.loss_scale).backward()
+            self.optimizer.micro_batch_done()
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v.float()
             stats = self.model.moe_stats()

@@ -45,10 +45,7 @@ class FlatShard:
 
     def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis):
         self.params, self.axis = params, axis
-        numel = sum(p.numel() for p in params)
-        self.shard = math.ceil(numel / axis.size) if params else 0
-        self.padded = self.shard * axis.size
-        self.lo = axis.rank * self.shard
+        self._layout(sum(p.numel() for p in params))
         self.dtype = params[0].dtype if params else torch.float32
         device = params[0].device if params else None
         # parameters become views of one flat buffer: updated tiles are written straight into
@@ -58,20 +55,32 @@ class FlatShard:
         for p in params:
             p.data = self.param_buffer[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
-        own = self.param_buffer[self.lo:self.lo + self.shard]
-        self.master = own if self.dtype == torch.float32 else own.float()  # fp32: the parameters are the master
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
         # per-element flags of this shard: weight decay (matrices), and "counts in the norm"
         decay = self._flat([torch.full((p.numel(),), float(p.dim() >= 2), device=device) for p in params])
         counted = self._flat([torch.full((p.numel(),), float(counted_once(p, tp.rank)), device=device)
                               for p in params])
-        self.decay = decay[self.lo:self.lo + self.shard].bool()
-        self.counted = counted[self.lo:self.lo + self.shard].bool()
+        self.decay = self.own(decay).bool()
+        self.counted = self.own(counted).bool()
+        self._own_state()
+        self.attach_grads()
+
+    def _layout(self, numel: int) -> None:
+        self.shard = math.ceil(numel / self.axis.size) if self.params else 0
+        self.padded = self.shard * self.axis.size
+        self.lo = self.axis.rank * self.shard
+
+    def own(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a flat ``[padded]`` tensor (a view)."""
+        return flat[self.lo:self.lo + self.shard]
+
+    def _own_state(self) -> None:
+        own = self.own(self.param_buffer)
+        self.master = own if self.dtype == torch.float32 else own.float()  # fp32: the parameters are the master
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
         # gradients accumulate in place in one flat buffer (``p.grad`` are views of it), so
         # the reduce-scatter reads it directly, with no concatenated copy
-        self.grad_buffer = torch.zeros(self.padded, dtype=self.dtype, device=device)
-        self.attach_grads()
+        self.grad_buffer = torch.zeros(self.padded, dtype=self.dtype, device=self.master.device)
 
     def attach_grads(self) -> None:
         """Point every ``p.grad`` at its slice of the (zeroed) flat gradient buffer."""
@@ -132,7 +141,7 @@ class FlatShard:
         b1, b2 = cfg.betas
         bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
         tile = tile_size or max(self.shard, 1)
-        own = self.param_buffer[self.lo:self.lo + self.shard]
+        own = self.own(self.param_buffer) if self.lo is not None else None  # ZeRO-2: publish() copies
         for a in range(0, self.shard, tile):
             s = slice(a, a + tile)
             p, m, v = self.master[s], self.exp_avg[s], self.exp_avg_sq[s]
@@ -143,11 +152,146 @@ class FlatShard:
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(cfg.eps)
             p.addcdiv_(m, denom, value=-lr / bc1)
-            if p.data_ptr() != own[s].data_ptr():
+            if own is not None and p.data_ptr() != own[s].data_ptr():
                 own[s] = p
             del g, denom
+        self.publish()
+
+    def publish(self) -> None:
+        """Step 4: every rank's updated shard into every rank's parameters."""
         if self.params:
-            comm.all_gather_into(self.param_buffer, own, self.axis)
+            comm.all_gather_into(self.param_buffer, self.param_buffer[self.lo:self.lo + self.shard], self.axis)
+
+    def micro_batch_done(self) -> None:
+        """Called after each micro-batch's backward (ZeRO-1: gradients stay accumulated in place)."""
+
+
+class BucketedShard(FlatShard):
+    """ZeRO-2: one parameter group whose gradients are never kept whole.
+
+    The flat buffer is cut into buckets of ``B`` elements (``B`` a multiple of the axis size
+    ``n``); this rank owns the ``r``-th ``B / n`` slice of every bucket (its shard: those slices,
+    in bucket order). During the backward, a hook takes each parameter's gradient as soon as it
+    is accumulated (and frees it) into its bucket; a bucket whose parameters have all arrived is
+    reduce-scattered and added into this rank's shard-sized gradient, in descending bucket order
+    on every rank (the backward produces the last parameters first), so the ranks' collectives
+    always match. ``micro_batch_done`` sends the buckets still open (parameters that got no
+    gradient count as zeros). The step is ZeRO-1's on the shard; the updated slices are
+    all-gathered bucket by bucket into the parameters.
+    """
+
+    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis, bucket_size: int):
+        n = axis.size
+        numel = sum(p.numel() for p in params)
+        self.bucket = max(n, math.ceil(min(bucket_size, max(numel, 1)) / n) * n)
+        self.buckets = math.ceil(numel / self.bucket) if params else 0
+        self.piece = self.bucket // n
+        super().__init__(params, axis, tp)
+
+    def _layout(self, numel: int) -> None:
+        self.padded = self.buckets * self.bucket
+        self.shard = self.buckets * self.piece
+        self.lo = None  # not one contiguous range: a slice of every bucket
+
+    def own(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's slices of a flat ``[padded]`` tensor, as its ``[shard]`` (a copy)."""
+        return flat.view(self.buckets, self.axis.size, self.piece)[:, self.axis.rank].reshape(-1)
+
+    def unown(self, gathered: torch.Tensor) -> torch.Tensor:
+        """Every rank's shards ``[n * shard]`` (rank-major) back into the flat order ``[padded]``."""
+        return gathered.view(self.axis.size, self.buckets, self.piece).transpose(0, 1).reshape(-1)
+
+    def _own_state(self) -> None:
+        self.master = self.own(self.param_buffer).float()  # a copy: the shard is not contiguous
+        self.grad_shard = torch.zeros(self.shard, dtype=torch.float32, device=self.master.device)
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.offsets, offset = {}, 0
+        self.waiting = [0] * self.buckets  # per bucket: parameters (pieces) it still waits for
+        for p in self.params:
+            self.offsets[p] = offset
+            for k in range(offset // self.bucket, (offset + p.numel() - 1) // self.bucket + 1):
+                self.waiting[k] += 1
+            offset += p.numel()
+            p.register_post_accumulate_grad_hook(self._arrived)
+        self.expected = list(self.waiting)
+        self.staging: dict[int, torch.Tensor] = {}
+        self.next = self.buckets - 1
+        self.arrived: set = set()
+
+    def attach_grads(self) -> None:
+        if not hasattr(self, "grad_shard"):
+            return
+        self.grad_shard.zero_()
+        for p in self.params:
+            p.grad = None
+
+    def _arrived(self, p: nn.Parameter) -> None:
+        if p in self.arrived:
+            raise RuntimeError("ZeRO-2: a parameter's gradient arrived twice in one micro-batch; call the "
+                               "optimizer's micro_batch_done() after each backward")
+        self.arrived.add(p)
+        g, p.grad = p.grad.reshape(-1), None
+        lo = self.offsets[p]
+        hi = lo + g.numel()
+        for k in range(lo // self.bucket, (hi - 1) // self.bucket + 1):
+            a, b = max(lo, k * self.bucket), min(hi, (k + 1) * self.bucket)
+            if k not in self.staging:
+                self.staging[k] = torch.zeros(self.bucket, dtype=g.dtype, device=g.device)
+            self.staging[k][a - k * self.bucket:b - k * self.bucket] += g[a - lo:b - lo]
+            self.waiting[k] -= 1
+        while self.next >= 0 and self.waiting[self.next] == 0:
+            self._send(self.next)
+
+    def _send(self, k: int) -> None:
+        """Reduce-scatter bucket ``k`` (zeros if nothing arrived) into this rank's gradient shard."""
+        bucket = self.staging.pop(k, None)
+        if bucket is None:
+            bucket = torch.zeros(self.bucket, dtype=self.dtype, device=self.grad_shard.device)
+        piece = comm.reduce_scatter(bucket, self.axis)
+        self.grad_shard[k * self.piece:(k + 1) * self.piece] += piece.float()
+        self.next = k - 1
+
+    def micro_batch_done(self) -> None:
+        while self.next >= 0:
+            self._send(self.next)
+        self.next, self.waiting, self.arrived = self.buckets - 1, list(self.expected), set()
+
+    def reduce_grads(self) -> torch.Tensor:
+        self.micro_batch_done()  # a caller that ran one backward without it
+        return self.grad_shard
+
+    def publish(self) -> None:
+        if not self.params:
+            return
+        view = self.param_buffer.view(self.buckets, self.axis.size, self.piece)
+        view[:, self.axis.rank] = self.master.view(self.buckets, self.piece).to(self.dtype)
+        for k in range(self.buckets):
+            comm.all_gather_into(view[k].reshape(-1), view[k, self.axis.rank], self.axis)
+
+    def per_param_states(self) -> dict[str, list[torch.Tensor]]:
+        out = {}
+        for state in self.STATES:
+            full = self.unown(comm.all_gather(getattr(self, state), self.axis))
+            out[state], offset = [], 0
+            for p in self.params:
+                out[state].append(full[offset:offset + p.numel()].view(p.shape))
+                offset += p.numel()
+        return out
+
+    def load_per_param_states(self, states: dict[str, list[torch.Tensor]]) -> None:
+        for state in self.STATES:
+            getattr(self, state).copy_(self.own(self._flat(states[state], torch.float32)))
+
+    def gradients(self) -> list[torch.Tensor]:
+        """The accumulated gradient of every parameter, summed over the axis (tests, debugging)."""
+        self.micro_batch_done()
+        full = self.unown(comm.all_gather(self.grad_shard, self.axis))
+        out, offset = [], 0
+        for p in self.params:
+            out.append(full[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return out
 
 
 class ZeroAdamW:
@@ -159,8 +303,12 @@ class ZeroAdamW:
         params = [p for p in model.parameters() if p.requires_grad]
         tp = topology.axis("tp")
         # one group per replica axis: non-expert parameters over dsp, then experts over edp
-        self.groups = [FlatShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp)
-                       for axis in ("dsp", "edp")]
+        if config.zero_stage == 2:
+            self.groups = [BucketedShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp,
+                                         config.reduce_bucket_size) for axis in ("dsp", "edp")]
+        else:
+            self.groups = [FlatShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp)
+                           for axis in ("dsp", "edp")]
         self.loss_scale = config.initial_loss_scale if config.precision == "fp16" else 1.0
         self.good_steps = 0
         self.step_count = 0
@@ -173,6 +321,11 @@ class ZeroAdamW:
             return c.lr * step / c.warmup_steps
         progress = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def micro_batch_done(self) -> None:
+        """After each micro-batch's backward: ZeRO-2 sends the gradient buckets still open."""
+        for g in self.groups:
+            g.micro_batch_done()
 
     def step(self, num_micro_batches: int) -> dict[str, float]:
         """Reduce, clip and apply the accumulated gradients of ``num_micro_batches`` micro-batches

@@ -145,6 +145,7 @@ def train_and_gather(engine, batches, steps: int, num_micro_batches: int) -> tup
         engine.set_token_context(mbs, j)
         loss, _ = engine.model(ids, targets)
         loss.backward()
+        engine.optimizer.micro_batch_done()  # ZeRO-2 sends its open gradient buckets
         total += loss.detach()
     first = comm.all_reduce(total, engine.topology.axis("dsp")).item() / num_micro_batches
     grads = engine.full_gradients(len(mbs))
