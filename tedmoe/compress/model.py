@@ -273,6 +273,7 @@ def load_into(model, path: str | Path) -> dict:
     from tedmoe.parallel.sharding import shard_of, tp_dim
 
     meta = read_meta(path)
+    quant.int8_path(1, next(model.parameters()).device)  # a bad TEDMOE_INT8_MATMUL fails here, not mid-request
     method, g = meta["method"], meta["group_size"]
     tensors = load_file(str(Path(path) / "model.safetensors"))
     kinds = quantized_weights(model)

@@ -257,6 +257,66 @@ class ParallelConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A curriculum's difficulty over the training steps (DeepSpeed's data-efficiency schedules):
+    ``fixed_linear`` from ``start`` to ``end`` over ``steps`` steps, ``fixed_root`` the same along
+    ``(step / steps) ** (1 / root_degree)`` (fast at first), ``fixed_discrete`` ``values[i]`` from
+    step ``boundaries[i - 1]`` on; ``end`` afterwards. ``none``: always the hardest."""
+
+    schedule: Literal["none", "fixed_linear", "fixed_root", "fixed_discrete"] = "none"
+    """How the difficulty grows."""
+    start: PosFloat = 1.0
+    """The first step's difficulty (seqlen: tokens per sequence; rarity: percent of the windows,
+    easiest first, to sample from)."""
+    end: PosFloat | None = None
+    """The difficulty at ``steps`` and after; ``None``: all (seq_len, or 100 percent)."""
+    steps: PosInt = 1000
+    """Steps from ``start`` to ``end`` (fixed_linear, fixed_root)."""
+    root_degree: PosInt = 2
+    """fixed_root's root."""
+    values: tuple[PosFloat, ...] = ()
+    """fixed_discrete: the difficulties, easiest first."""
+    boundaries: tuple[PosInt, ...] = ()
+    """fixed_discrete: the steps at which ``values[1:]`` begin (one fewer than ``values``)."""
+    multiple: PosInt = 8
+    """seqlen: lengths are rounded down to a multiple of this (at least one multiple)."""
+
+    def validate(self, prefix: str, full: float) -> None:
+        check_fields(self, prefix)
+        if self.schedule == "none":
+            return
+        end = full if self.end is None else self.end
+        if self.end is not None and self.end > full:
+            raise ValueError(f"{prefix}end={self.end:g} exceeds the full difficulty {full:g}")
+        if self.schedule == "fixed_discrete":
+            if not self.values or len(self.boundaries) != len(self.values) - 1:
+                raise ValueError(f"{prefix}schedule=fixed_discrete needs values (easiest first) and one fewer "
+                                 f"boundaries, got {len(self.values)} value(s) and {len(self.boundaries)} boundaries")
+            if list(self.values) != sorted(self.values) or list(self.boundaries) != sorted(set(self.boundaries)):
+                raise ValueError(f"{prefix}values and boundaries must increase (a curriculum goes from easy to hard)")
+            if self.values[-1] > full:
+                raise ValueError(f"{prefix}values end at {self.values[-1]:g}, above the full difficulty {full:g}")
+            return
+        if self.start > end:
+            raise ValueError(f"{prefix}start={self.start:g} is above end={end:g}; a curriculum grows from easy to hard")
+
+
+@dataclass
+class CurriculumConfig:
+    """Curriculum learning: easier samples first. ``seqlen`` truncates every sequence to the
+    scheduled length; ``rarity`` samples from the windows of lowest vocabulary rarity (mean
+    negative log unigram frequency, computed at ``data prepare`` time), the scheduled percent of
+    them. The sampler stays a function of (seed, step), so a resume continues exactly."""
+
+    seqlen: ScheduleConfig = field(default_factory=ScheduleConfig)
+    rarity: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    @property
+    def active(self) -> bool:
+        return self.seqlen.schedule != "none" or self.rarity.schedule != "none"
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from."""
 
@@ -271,6 +331,8 @@ class DataConfig:
     """How much of the embedded corpus to use."""
     val_fraction: Fraction = 0.05
     """Share of tokens (the tail of each file list) held out for validation."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Curriculum learning (``data.curriculum.seqlen``, ``data.curriculum.rarity``)."""
 
 
 @dataclass
@@ -367,6 +429,12 @@ class RunConfig:
         self.model.validate(dims.tp, dims.ep, dims.sp)
         if self.seq_len % dims.sp:
             raise ValueError(f"seq_len={self.seq_len} is not divisible by sp={dims.sp}; use a multiple of {dims.sp}")
+        cur = self.data.curriculum
+        cur.seqlen.validate("data.curriculum.seqlen.", self.seq_len)
+        cur.rarity.validate("data.curriculum.rarity.", 100.0)
+        if cur.seqlen.schedule != "none" and cur.seqlen.multiple % dims.sp:
+            raise ValueError(f"data.curriculum.seqlen.multiple={cur.seqlen.multiple} is not divisible by sp={dims.sp}; "
+                             "every scheduled length must split over the sequence-parallel ranks")
         self.train.validate()
         self.compress.validate(self.model, dims.tp)
         if self.seq_len > self.model.max_seq_len:

@@ -41,7 +41,7 @@ def embedded_corpus_files(max_bytes: int) -> list[str]:
     return files
 
 
-DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", CONFIG_FILE, "meta.json")
+DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", CONFIG_FILE, "meta.json", "train.rarity.f32")
 FORMAT = "tedmoe-tokens"
 _OLD_META_KEYS = {"tokenizer", "vocab_size", "dtype", "train", "val"}
 
@@ -138,6 +138,9 @@ def _write(tmp: Path, tok, train: np.ndarray, val: np.ndarray, num_files: int) -
     for split, ids in (("train", train), ("val", val)):
         ids.astype(dtype).tofile(tmp / f"{split}.bin")
         meta[split] = {"tokens": len(ids), "sha256": sha256_file(tmp / f"{split}.bin")}
+    from tedmoe.data.curriculum import write_metrics
+
+    meta["metrics"] = write_metrics(tmp, train, tok.vocab_size)  # curriculum difficulty, computed once
     tok.save(tmp)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
@@ -223,7 +226,7 @@ class TokenDataset:
         if verify and sha256_file(path) != meta[split]["sha256"]:
             raise ValueError(f"{path} does not match its checksum in meta.json: the file is corrupted; "
                              "prepare the data again")
-        self.meta, self.vocab_size = meta, meta["vocab_size"]
+        self.meta, self.vocab_size, self.directory = meta, meta["vocab_size"], d
         self.tokens = np.memmap(path, dtype=dtype, mode="r")
         self.tokenizer = load_tokenizer(d)
 

@@ -6,6 +6,7 @@ Model code never builds process groups: it receives a ``Topology``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -96,6 +97,16 @@ class GPTMoE(nn.Module):
             teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # plain attribute: nn.Module would register it
         self.distill = (weight, temperature)
+
+    @contextlib.contextmanager
+    def without_teacher(self):
+        """The plain loss (cross-entropy and MoE losses) inside, e.g. for validation."""
+        teacher = self.teacher
+        object.__setattr__(self, "teacher", None)
+        try:
+            yield self
+        finally:
+            object.__setattr__(self, "teacher", teacher)
 
     def init_weights(self, seed: int) -> None:
         """The same weights in every layout: N(0, 0.02), output projections scaled by

@@ -96,7 +96,11 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes
     if ds.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the data's tokenizer has {ds.vocab_size} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; set model.vocab_size >= {ds.vocab_size} (a multiple of tp)")
-    BatchSampler(ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
+    if cfg.data.curriculum.rarity.schedule != "none":
+        from tedmoe.data.curriculum import ensure_metrics
+
+        ensure_metrics(path)  # datasets prepared before the metrics existed get them once
+    train_sampler(cfg, ds)
     BatchSampler(val, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)
     if cfg.compress.teacher is not None:
         check_teacher(cfg, world)
@@ -114,6 +118,15 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes
                                    "--accept-changes to continue with the new ones, or resume with the old ones")
     ckpt.verify(found)
     return {"checkpoint": found, "step": meta["step"], "finished": meta["step"] >= cfg.train.max_steps}
+
+
+def train_sampler(cfg: RunConfig, ds: TokenDataset):
+    """The training batches: random windows, or with ``data.curriculum`` the scheduled ones."""
+    if cfg.data.curriculum.active:
+        from tedmoe.data.curriculum import CurriculumSampler
+
+        return CurriculumSampler(ds, cfg.seq_len, cfg.global_batch_size, cfg.seed, cfg.data.curriculum)
+    return BatchSampler(ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
 
 
 def check_teacher(cfg: RunConfig, world: int) -> None:
@@ -154,7 +167,7 @@ def seq_chunks(micro_batches: list, topo: Topology) -> list:
 def _val_loss(model, sampler: BatchSampler, topo: Topology, micro: int, batches: int) -> float:
     model.eval()
     total = torch.zeros(1)
-    with torch.no_grad():
+    with torch.no_grad(), model.without_teacher():  # distillation trains on its mix; validation is the model's loss
         for i in range(batches):
             sampler.step = i
             for ids, targets in seq_chunks(sampler.micro_batches(topo.size("dp"), topo.coord("dp"), micro), topo):
@@ -266,7 +279,7 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
         model.set_teacher(teacher, cfg.compress.distill_weight, cfg.compress.temperature)
     apply_checkpointing(model, cfg.train.checkpointing)
     engine = Engine(model, topo, cfg.train)
-    sampler = BatchSampler(train_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed)
+    sampler = train_sampler(cfg, train_ds)
     val_sampler = BatchSampler(val_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)
     start = 0
     if found is not None:
@@ -311,8 +324,12 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
                 totals = {k: comm.LEDGER.total(kind=k) for k in comm.KINDS}
                 by_kind = {k: t.bytes for k, t in totals.items() if t.calls}
             seconds = time.perf_counter() - t0
-            record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds,
+            tokens = tokens_per_step if not cfg.data.curriculum.active else cfg.global_batch_size * sampler.length(step - 1)
+            record = {"step": step, **metrics, "tokens_per_s": tokens / seconds, "step_seconds": seconds,
                       "comm_bytes": by_kind}
+            if cfg.data.curriculum.active:  # what this step trained on
+                record["tokens"] = tokens
+                record["curriculum"] = {"seq_len": sampler.length(step - 1), "rarity_percent": sampler.share(step - 1)}
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.train.max_steps:
                 record["val_loss"] = _val_loss(model, val_sampler, topo, micro, cfg.eval_batches)
             writer.write(record)

@@ -157,8 +157,10 @@ def test_training_distils_from_a_teacher_run(runs):
         assert r["kd"] > 0
         mixed = 0.75 * r["ce"] + 0.25 * r["kd"] + cfg.aux_loss_coef * r["aux"] + cfg.z_loss_coef * r["z"]
         assert r["loss"] == pytest.approx(mixed, rel=1e-5)
-    plain = json.loads((runs / "ternary" / "metrics.jsonl").read_text().splitlines()[0])
-    assert plain["ce"] == pytest.approx(rows[0]["ce"], rel=1e-6) and "kd" not in plain  # same start, same data
+    plain = [json.loads(line) for line in (runs / "ternary" / "metrics.jsonl").read_text().splitlines()]
+    assert plain[0]["ce"] == pytest.approx(rows[0]["ce"], rel=1e-6) and "kd" not in plain[0]  # same start, same data
+    # validation measures the model's own loss (no teacher term): the runs part ways, so compare scales only
+    assert abs(rows[2]["val_loss"] - plain[2]["val_loss"]) < 0.5 < rows[2]["val_loss"]
 
 
 def test_nm_masks_are_saved_so_resume_is_exact(runs):

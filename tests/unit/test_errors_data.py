@@ -109,7 +109,7 @@ def test_out_pointing_at_the_users_files_loses_nothing(user, tmp_path, capsys, m
 def test_an_empty_directory_is_filled(user, capsys):
     assert run(capsys, user / "corpus", "--out", user / "empty")[0] == 0
     assert sorted(p.name for p in (user / "empty").iterdir()) == ["meta.json", "tokenizer.json", "train.bin",
-                                                                  "val.bin"]
+                                                                  "train.rarity.f32", "val.bin"]
     assert TokenDataset(user / "empty", "train").meta["format"] == "tedmoe-tokens"
 
 

@@ -66,6 +66,21 @@ BAD = [  # (overrides, nproc, message): layout and model mistakes
     (["parallel.backend=nccl"], 1, "parallel.backend='nccl' needs CUDA GPUs and this machine has none"),
     (["global_batch_size=2000000000", "micro_batch_size=1"], 1, "GiB per rank (global batch"),
     (["model.moe.ffn_hidden_size=1000000000"], 1, "GiB per rank (global batch 0.0, model, optimizer and activations"),
+    (["data.curriculum.seqlen.schedule=fixed_linear", "data.curriculum.seqlen.start=24",
+      "data.curriculum.seqlen.end=16"], 1, "data.curriculum.seqlen.start=24 is above end=16; a curriculum grows from easy"),
+    (["data.curriculum.seqlen.schedule=fixed_linear", "data.curriculum.seqlen.end=64"], 1,
+     "data.curriculum.seqlen.end=64 exceeds the full difficulty 32"),
+    (["data.curriculum.rarity.schedule=fixed_root", "data.curriculum.rarity.start=150"], 1,
+     "data.curriculum.rarity.start=150 is above end=100"),
+    (["data.curriculum.rarity.schedule=fixed_discrete", "data.curriculum.rarity.values=[10, 50, 100]",
+      "data.curriculum.rarity.boundaries=[5]"], 1, "needs values (easiest first) and one fewer boundaries, got 3 value(s)"),
+    (["data.curriculum.rarity.schedule=fixed_discrete", "data.curriculum.rarity.values=[50, 10]",
+      "data.curriculum.rarity.boundaries=[5]"], 1, "values and boundaries must increase"),
+    (["data.curriculum.seqlen.schedule=fixed_root", "data.curriculum.seqlen.multiple=6", "parallel.sp=4"], 4,
+     "data.curriculum.seqlen.multiple=6 is not divisible by sp=4"),
+    (["data.curriculum.seqlen.schedule=quadratic"], 1, "data.curriculum.seqlen.schedule='quadratic' is not allowed"),
+    (["train.zero_stage=3"], 1, "train.zero_stage=3 is not allowed: it must be an integer in [1, 2]"),
+    (["compress.distill_weight=0"], 1, "compress.distill_weight=0 is not allowed: it must be a finite number in (0, 1]"),
 ]
 
 TYPES = [  # (override, message): every field's type and range, from its annotation

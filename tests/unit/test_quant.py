@@ -33,12 +33,28 @@ def test_the_integer_kernels_equal_the_dequantised_product(shape, bits, group):
     w, x = torch.randn(96, 256, generator=g) * 0.05, torch.randn(shape, generator=g)
     q, s = quant.quantize(w, bits, group)
     want = x @ quant.dequantize(q, s).t()
-    if bits == 8:
-        got = quant.int8_linear(x, *quant.by_group(q, s))
+    if bits == 8:  # both paths: the kernel, and the weight dequantised for the call
+        torch.testing.assert_close(quant.int8_linear(x, *quant.by_group(q, s), path="kernel"), want,
+                                   rtol=1e-5, atol=1e-5)
+        got = quant.int8_linear(x, *quant.by_group(q, s), path="dequant")
     else:
         got = quant.int4_linear(x, *quant.int4_kernel_weight(quant.pack_int4(q), s), group)
     assert got.shape == (*shape[:-1], 96)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_int8_path_follows_the_cpu_and_the_setting(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert quant.int8_path(1, cpu) == "dequant"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert [quant.int8_path(r, cpu) for r in (1, quant.KERNEL_ROWS, quant.KERNEL_ROWS + 1)] == \
+        ["kernel", "kernel", "dequant"]
+    monkeypatch.setenv("TEDMOE_INT8_MATMUL", "kernel")
+    assert quant.int8_path(100, cpu) == "kernel"
+    monkeypatch.setenv("TEDMOE_INT8_MATMUL", "fast")
+    with pytest.raises(ValueError, match="TEDMOE_INT8_MATMUL='fast': use auto, kernel or dequant"):
+        quant.int8_path(1, cpu)
 
 
 @pytest.mark.parametrize("rows", [1, 16, 33])
