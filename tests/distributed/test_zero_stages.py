@@ -11,7 +11,7 @@ import torch
 import tests.distributed.test_engine as te
 from tedmoe.parallel.topology import Topology
 from tedmoe.runtime import checkpoint as ckpt
-from tests.distributed.harness import assert_matches_reference, train_and_gather
+from tests.distributed.harness import assert_matches_reference
 
 BUCKET = 1000  # elements: a dozen buckets per group of the test model
 LAYOUTS = {4: [(2, 2, 1, "none"), (1, 4, 1, "cac"), (4, 1, 1, "plain"), (1, 2, 2, "none")],  # (tp, ep, sp, ckpt)
