@@ -79,6 +79,34 @@ class MoEConfig:
 
 
 @dataclass
+class RandomLTDConfig:
+    """Random layerwise token dropping (random-LTD): in the listed middle blocks each sequence
+    keeps a random subset of ``r`` of its tokens (in order, with their positions for rotary);
+    the others bypass the block. ``r`` grows linearly from ``start`` to the whole sequence over
+    ``steps`` optimizer steps (the monotonic sequence-length growth schedule), a multiple of
+    ``multiple``. Training only; evaluation and inference see every token."""
+
+    layers: tuple[NonNegInt, ...] = ()
+    """Block indices (0-based) that drop tokens; not the first nor the last block. Empty: off."""
+    start: PosInt = 16
+    """Tokens kept per sequence at step 0."""
+    steps: PosInt = 1000
+    """Optimizer steps until every token is kept."""
+    multiple: PosInt = 8
+    """``r`` is rounded down to a multiple of this (at least one multiple)."""
+    segments: PosInt = 1
+    """The sequence is cut into this many equal segments, each keeping ``r / segments`` tokens;
+    with sequence parallelism ``sp`` must divide it (each rank keeps its segments' tokens)."""
+    seed: Seed = 4321
+    """Seed of the draws (with the step, the sequence and the block)."""
+
+    def keep(self, step: int, length: int) -> int:
+        """Tokens each sequence of ``length`` keeps at optimizer step ``step`` (0-based)."""
+        r = self.start + (length - self.start) * min(1.0, step / self.steps)
+        return min(length, max(self.multiple, int(r) - int(r) % self.multiple))
+
+
+@dataclass
 class ModelConfig:
     """A decoder-only GPT with an MoE MLP every ``moe_every`` layers."""
 
@@ -117,6 +145,8 @@ class ModelConfig:
     expert_counts: tuple[PosInt, ...] = ()
     """PR-MoE's pyramid: the number of experts of each MoE layer, first to last (e.g. ``[4, 4, 8,
     8]``, more experts in the later layers); empty: ``moe.num_experts`` in every MoE layer."""
+    random_ltd: RandomLTDConfig = field(default_factory=RandomLTDConfig)
+    """Random layerwise token dropping in middle blocks (training only)."""
 
     @property
     def kv_heads(self) -> int:
@@ -174,6 +204,20 @@ class ModelConfig:
                 self.moe_for(i).validate(tp, ep)
             except ValueError as err:
                 raise ValueError(f"model.expert_counts[{j}] (block {i + 1}): {err}") from None
+        ltd = self.random_ltd
+        if ltd.layers:
+            bad = [i for i in ltd.layers if not 0 < i < self.num_layers - 1]
+            if bad:
+                where = f"1..{self.num_layers - 2} of {self.num_layers}" if self.num_layers > 2 else \
+                    f"and a model of {self.num_layers} blocks has none"
+                raise ValueError(f"model.random_ltd.layers={list(ltd.layers)}: {bad} out of range; random-LTD drops "
+                                 f"tokens in middle blocks only ({where})")
+            if ltd.multiple % ltd.segments:
+                raise ValueError(f"model.random_ltd.multiple={ltd.multiple} is not a multiple of "
+                                 f"segments={ltd.segments}; every segment keeps as many tokens")
+            if ltd.segments % sp:
+                raise ValueError(f"model.random_ltd.segments={ltd.segments} is not divisible by sp={sp}; set "
+                                 f"segments to a multiple of {sp} (each SP rank keeps its own segments' tokens)")
 
 
 @dataclass
@@ -429,6 +473,13 @@ class RunConfig:
         self.model.validate(dims.tp, dims.ep, dims.sp)
         if self.seq_len % dims.sp:
             raise ValueError(f"seq_len={self.seq_len} is not divisible by sp={dims.sp}; use a multiple of {dims.sp}")
+        ltd = self.model.random_ltd
+        if ltd.layers and ltd.start > self.seq_len:
+            raise ValueError(f"model.random_ltd.start={ltd.start} is above seq_len={self.seq_len}; the kept tokens "
+                             "grow from start to the whole sequence")
+        if ltd.layers and (self.seq_len // dims.sp) % (ltd.segments // dims.sp):
+            raise ValueError(f"seq_len={self.seq_len} does not split into model.random_ltd.segments={ltd.segments} "
+                             "equal segments")
         cur = self.data.curriculum
         cur.seqlen.validate("data.curriculum.seqlen.", self.seq_len)
         cur.rarity.validate("data.curriculum.rarity.", 100.0)

@@ -55,12 +55,17 @@ class Attention(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x_BtH: torch.Tensor, kv=None) -> torch.Tensor:
+    def forward(self, x_BtH: torch.Tensor, kv=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` ``[B, t]``: the tokens' places in their sequences when they are an ordered
+        subset of them (random-LTD; the causal mask over the subset is then the original one)."""
         if kv is not None:
             return self._cached(x_BtH, *kv)
         B, t, _ = x_BtH.shape
-        pos = self.sp.rank * t + torch.arange(t, device=x_BtH.device)  # global positions of this chunk
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        if positions is None:
+            pos = self.sp.rank * t + torch.arange(t, device=x_BtH.device)  # global positions of this chunk
+            cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)
+        else:
+            cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # [B, t, 1, D/2]
         x = comm.copy_to_region(x_BtH, self.tp)
         q = self.q(x).view(B, t, self.local_heads, self.head_dim)
         k = self.k(x).view(B, t, self.local_kv_heads, self.head_dim)

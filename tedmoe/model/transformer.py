@@ -55,12 +55,14 @@ class Block(nn.Module):
             else MLP(config, topology, **kw)
         self.stats = None
 
-    def forward(self, x: torch.Tensor, kv=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = x + self.attn(self.attn_norm(x), kv)
+    def forward(self, x: torch.Tensor, kv=None, positions: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``positions`` ``[B, t]``: the tokens are an ordered subset of their sequences (random-LTD)."""
+        x = x + self.attn(self.attn_norm(x), kv, positions)
         if not self.is_moe:
             zero = x.new_zeros((), dtype=torch.float32)
             return x + self.mlp(self.mlp_norm(x)), zero, zero
-        y, self.stats = self.mlp(self.mlp_norm(x))
+        y, self.stats = self.mlp(self.mlp_norm(x), positions)
         return x + y, self.stats.aux_loss, self.stats.z_loss
 
 
@@ -99,6 +101,14 @@ class GPTMoE(nn.Module):
         self.distill = (weight, temperature)
 
     @contextlib.contextmanager
+    def _whole_sequences(self, length: int):
+        self.token_context.sequence_length = length
+        try:
+            yield
+        finally:
+            self.token_context.sequence_length = None
+
+    @contextlib.contextmanager
     def without_teacher(self):
         """The plain loss (cross-entropy and MoE losses) inside, e.g. for validation."""
         teacher = self.teacher
@@ -123,11 +133,45 @@ class GPTMoE(nn.Module):
 
         init_layout_invariant(self, self.topology, seed, init_full)
 
+    def kept_tokens(self, layer: int, batch: int, length: int, device=None) -> torch.Tensor | None:
+        """Random-LTD: the local indices ``[B, r_local]`` (ascending) of the tokens block ``layer``
+        keeps in this forward, or ``None`` (all). Each sequence's draw depends on (seed, optimizer
+        step, its index in the global batch, the block) only, over the whole sequence cut into
+        ``segments``; an SP rank takes its own segments' tokens: every layout keeps the same ones."""
+        ltd, ctx = self.config.random_ltd, self.token_context
+        if layer not in ltd.layers or not self.training:
+            return None
+        sp = self.topology.axis("sp")
+        full = ctx.sequence_length or length
+        r = ltd.keep(ctx.step, full)
+        if r >= full:
+            return None
+        seg, keep = full // ltd.segments, r // ltd.segments
+        mine = range(sp.rank * ltd.segments // sp.size, (sp.rank + 1) * ltd.segments // sp.size)
+        rows = []
+        for b in range(batch):
+            key = ((ltd.seed * 1_000_003 + ctx.step) * 1_000_033 + ctx.first_sequence + b) * 1_009 + layer
+            g = torch.Generator().manual_seed(key % (1 << 62))
+            picks = torch.rand(ltd.segments, seg, generator=g).argsort(-1)[:, :keep].sort(-1).values
+            rows.append(torch.cat([picks[i] + i * seg for i in mine]) - ctx.first_position)
+        return torch.stack(rows).to(device)
+
     def forward(self, ids_BT: torch.Tensor, targets_BT: torch.Tensor, ignore_index: int = -100):
+        ctx = self.token_context
+        if self.config.random_ltd.layers and ctx.sequence_length is None:  # called outside the engine
+            with self._whole_sequences(ids_BT.shape[1] * self.topology.size("sp")):
+                return self.forward(ids_BT, targets_BT, ignore_index)
         x = self.embed(ids_BT)
         aux, z = [], []
-        for block in self.blocks:
-            x, a, zl = block(x)
+        for i, block in enumerate(self.blocks):
+            kept = self.kept_tokens(i, x.shape[0], x.shape[1], x.device)
+            if kept is None:
+                x, a, zl = block(x)
+            else:  # the kept tokens through the block, the others around it
+                index = kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+                positions = kept + self.token_context.first_position
+                y, a, zl = block(x.gather(1, index), None, positions)
+                x = x.scatter(1, index, y)
             if block.is_moe:
                 aux.append(a)
                 z.append(zl)

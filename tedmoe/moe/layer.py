@@ -69,10 +69,13 @@ class MoE(nn.Module):
             mark(self.coefficient.weight)
             mark(self.coefficient.bias)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """``positions`` ``[B, t]``: the tokens' places in their sequences when they are a subset
+        of them (random-LTD), which keys the router's draws like the whole sequence's."""
         x_SH = x.reshape(-1, x.shape[-1])
         batch, length = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x_SH.shape[0])
-        routing: Routing = self.router(x_SH, self.context.token_ids(batch, length, x.device), self.context.step)
+        ids = self.context.token_ids(batch, length, x.device, positions)
+        routing: Routing = self.router(x_SH, ids, self.context.step)
         if self._own_context and self.training and torch.is_grad_enabled():
             self.context.step += 1
         expert_in, plan = self.dispatcher.dispatch(x_SH, routing)

@@ -46,12 +46,16 @@ class TokenContext:
     sequence_length: int | None = None
     """Tokens in a whole sequence (local length x ``sp``); ``None``: the local length."""
 
-    def token_ids(self, batch: int, length: int, device=None) -> torch.Tensor:
-        """Global ids ``[batch * length]`` of a ``[batch, length]`` block of tokens."""
+    def token_ids(self, batch: int, length: int, device=None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Global ids ``[batch * length]`` of a ``[batch, length]`` block of tokens; ``positions``
+        ``[batch, length]``: their places in the whole sequence (a subset of it, random-LTD),
+        else this rank's consecutive chunk."""
         full = self.sequence_length or length
         seq = torch.arange(batch, device=device) + self.first_sequence
-        pos = torch.arange(length, device=device) + self.first_position
-        return (seq[:, None] * full + pos[None, :]).reshape(-1)
+        pos = torch.arange(length, device=device)[None, :] + self.first_position if positions is None else positions
+        if self.sequence_length is None and positions is not None:
+            raise ValueError("token positions need the whole sequence's length in the token context")
+        return (seq[:, None] * full + pos).reshape(-1)
 
 
 def uniform(seed: int, layer: int, stream: int, step: int, token_S: torch.Tensor, width: int) -> torch.Tensor:
