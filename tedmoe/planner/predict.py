@@ -115,7 +115,8 @@ def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
 def memory(plan: Plan) -> dict[str, float]:
     """Bytes per device: parameters, gradients, optimizer states (ZeRO-1), activations, the CAC
     stash, and the optimizer-step spike (``tile_size`` elements at about 12 bytes each, the
-    constant ``benchmarks/optimizer_memory.py`` measures)."""
+    constant ``benchmarks/optimizer_memory.py`` measures). ZeRO-2 (``train.zero_stage=2``): the
+    gradients are this rank's fp32 shard plus at most two open buckets in the model dtype."""
     m, d = plan.model, plan.dims
     item = DTYPE_BYTES[plan.train.precision]
     counts = param_counts(m, d.tp, d.ep)
@@ -141,7 +142,10 @@ def memory(plan: Plan) -> dict[str, float]:
             stash = m.num_layers * comm_out + n_moe * 4 * sbh * k_cf * item
     shard = max(ne / d.dp, ex / d.edp if ex else 0)
     spike = 12 * min(plan.train.tile_size or shard, shard)
-    out = {"parameters": (ne + ex) * item, "gradients": (ne + ex) * item, "optimizer": optimizer,
+    grads = (ne + ex) * item
+    if plan.train.zero_stage == 2:
+        grads = 4 * (ne / d.dp + (ex / d.edp if ex else 0)) + 2 * min(plan.train.reduce_bucket_size, ne + ex) * item
+    out = {"parameters": (ne + ex) * item, "gradients": grads, "optimizer": optimizer,
            "activations": activations, "cac_stash": stash, "optimizer_spike": spike}
     out["total"] = sum(out.values())
     return out
@@ -152,11 +156,16 @@ def eq5_lower_bound(np_base: float, num_experts: int, tp: int, world_size: int) 
     return 4 * np_base * (1 / tp + (num_experts + 2) / world_size)
 
 
-def model_state_bytes(n_non_expert: float, n_expert: float, tp: int, ep: int, world_size: int) -> float:
+def model_state_bytes(n_non_expert: float, n_expert: float, tp: int, ep: int, world_size: int,
+                      stage: int = 1) -> float:
     """16-bit parameters and gradients (4 bytes) plus ZeRO-1 fp32 master weights and Adam moments
     (12 bytes over every rank): ``4 N_ne / t + 4 N_e / (t ep) + 12 (N_ne + N_e) / G``. With
     ``N_ne = 2/3 NP_base`` and ``N_e = E/3 NP_base`` (MLPs are 2/3 of a block and every other
-    block is MoE) and one expert per EP rank (``ep = E``) this is exactly Eq. 5."""
+    block is MoE) and one expert per EP rank (``ep = E``) this is exactly Eq. 5. Stage 2: the
+    16-bit parameters stay whole, the gradients join the sharded states as an fp32 shard
+    (``2 N / t.. + 16 N / G``; DeepSpeed's ``2 + 14 / N`` keeps 16-bit gradient shards)."""
+    if stage == 2:
+        return 2 * n_non_expert / tp + 2 * n_expert / (tp * ep) + 16 * (n_non_expert + n_expert) / world_size
     return 4 * n_non_expert / tp + 4 * n_expert / (tp * ep) + 12 * (n_non_expert + n_expert) / world_size
 
 

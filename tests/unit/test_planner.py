@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import subprocess
 import sys
@@ -30,6 +31,23 @@ def test_memory_model_states_match_the_formula_for_a_real_model():
     # the formula splits every non-expert parameter over tp; norms and routers are replicated (0.04%)
     assert states == pytest.approx(expect, rel=1e-3) and states > expect
     assert counts["expert"] * 4 * 16 == full["expert_total"]
+
+
+def test_zero2_shards_the_gradients_in_the_memory_model():
+    model = paper_model("6.7b", 16)
+    one = Plan(model, 128, 4, 16, micro_batch=1, seq_len=2048, train=paper_train("none"))
+    two = Plan(model, 128, 4, 16, micro_batch=1, seq_len=2048,
+               train=dataclasses.replace(paper_train("none"), zero_stage=2, reduce_bucket_size=1 << 20))
+    a, b = memory(one), memory(two)
+    assert b["parameters"] == a["parameters"] and b["optimizer"] == a["optimizer"]
+    counts, d = param_counts(model, 4, 16), two.dims
+    shard = counts["non_expert"] / d.dp + counts["expert"] / d.edp
+    assert b["gradients"] == pytest.approx(4 * shard + 2 * (1 << 20) * 2, rel=1e-3)
+    assert b["total"] < a["total"]
+    full = param_counts(model)
+    n_ne, n_e = full["total"] - full["expert_total"], full["expert_total"]
+    states = b["parameters"] + (b["gradients"] - 2 * (1 << 20) * 2) + b["optimizer"]
+    assert states == pytest.approx(model_state_bytes(n_ne, n_e, 4, 16, 128, stage=2), rel=2e-3)
 
 
 def test_param_counts_agree_with_the_model():
