@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tedmoe.data.dataset import BatchSampler
+
 BLOCK = 64
 RARITY_FILE = "train.rarity.f32"
 
@@ -69,16 +71,13 @@ def ensure_metrics(directory: str | Path) -> None:
     write_atomic(d / "meta.json", json.dumps(meta, indent=2))
 
 
-class CurriculumSampler:
-    """``BatchSampler``'s interface (``batch``, ``micro_batches``, ``state_dict``) with a
-    curriculum: the global batch of step ``s`` depends on (seed, s) and the schedules only."""
+class CurriculumSampler(BatchSampler):
+    """``BatchSampler`` with a curriculum: the global batch of step ``s`` depends on (seed, s)
+    and the schedules only, so its state is still ``{"seed", "step"}``."""
 
     def __init__(self, dataset, seq_len: int, global_batch: int, seed: int, curriculum):
-        from tedmoe.data.dataset import BatchSampler
-
-        self.base = BatchSampler(dataset, seq_len, global_batch, seed)
-        self.dataset, self.seq_len, self.global_batch, self.seed = dataset, seq_len, global_batch, seed
-        self.curriculum, self.step = curriculum, 0
+        super().__init__(dataset, seq_len, global_batch, seed)
+        self.curriculum = curriculum
         self.order = None
         if curriculum.rarity.schedule != "none":
             path = Path(dataset.directory) / RARITY_FILE
@@ -106,22 +105,10 @@ class CurriculumSampler:
 
     def batch(self, step: int) -> torch.Tensor:
         if self.order is None:
-            data = self.base.batch(step)
+            data = super().batch(step)
         else:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             allowed = max(1, math.ceil(len(self.order) * self.share(step) / 100))
             picks = torch.randint(0, allowed, (self.global_batch,), generator=g)
             data = self.dataset.windows(self.order[picks], self.seq_len + 1)
         return data[:, :self.length(step) + 1]
-
-    def micro_batches(self, dp: int, dp_rank: int, micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        data = self.batch(self.step)
-        self.step += 1
-        mine = data.chunk(dp)[dp_rank]
-        return [(m[:, :-1], m[:, 1:]) for m in mine.split(micro)]
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = state["seed"], state["step"]

@@ -100,13 +100,17 @@ class FlatShard:
     def per_param_states(self) -> dict[str, list[torch.Tensor]]:
         """Each fp32 state gathered over the axis and cut per parameter (shaped like it): the
         layout-independent form that checkpoints hold."""
-        out = {}
-        for state in self.STATES:
-            full = comm.all_gather(getattr(self, state), self.axis) if self.params else self.master
-            out[state], offset = [], 0
-            for p in self.params:
-                out[state].append(full[offset:offset + p.numel()].view(p.shape))
-                offset += p.numel()
+        return {state: self._per_param(self._gather(getattr(self, state))) for state in self.STATES}
+
+    def _gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``shard`` of a flat tensor, in the flat order."""
+        return comm.all_gather(shard, self.axis) if self.params else shard
+
+    def _per_param(self, full: torch.Tensor) -> list[torch.Tensor]:
+        out, offset = [], 0
+        for p in self.params:
+            out.append(full[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
         return out
 
     def load_per_param_states(self, states: dict[str, list[torch.Tensor]]) -> None:
@@ -269,15 +273,8 @@ class BucketedShard(FlatShard):
         for k in range(self.buckets):
             comm.all_gather_into(view[k].reshape(-1), view[k, self.axis.rank], self.axis)
 
-    def per_param_states(self) -> dict[str, list[torch.Tensor]]:
-        out = {}
-        for state in self.STATES:
-            full = self.unown(comm.all_gather(getattr(self, state), self.axis))
-            out[state], offset = [], 0
-            for p in self.params:
-                out[state].append(full[offset:offset + p.numel()].view(p.shape))
-                offset += p.numel()
-        return out
+    def _gather(self, shard: torch.Tensor) -> torch.Tensor:
+        return self.unown(comm.all_gather(shard, self.axis)) if self.params else shard
 
     def load_per_param_states(self, states: dict[str, list[torch.Tensor]]) -> None:
         for state in self.STATES:
@@ -286,12 +283,7 @@ class BucketedShard(FlatShard):
     def gradients(self) -> list[torch.Tensor]:
         """The accumulated gradient of every parameter, summed over the axis (tests, debugging)."""
         self.micro_batch_done()
-        full = self.unown(comm.all_gather(self.grad_shard, self.axis))
-        out, offset = [], 0
-        for p in self.params:
-            out.append(full[offset:offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return out
+        return self._per_param(self._gather(self.grad_shard))
 
 
 class ZeroAdamW:
