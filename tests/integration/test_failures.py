@@ -82,6 +82,29 @@ def test_crash_then_resume_equals_uninterrupted(env, tmp_path, uninterrupted):
     assert losses(run) == uninterrupted
 
 
+DATA_EFFICIENT = ["--set", "train.zero_stage=2", "--set", "train.reduce_bucket_size=2000", "--set", "model.num_layers=3",
+                  "--set", "model.random_ltd.layers=[1]", "--set", "model.random_ltd.start=8",
+                  "--set", "model.random_ltd.steps=5", "--set", "data.curriculum.seqlen.schedule=fixed_linear",
+                  "--set", "data.curriculum.seqlen.start=16", "--set", "data.curriculum.seqlen.steps=4",
+                  "--set", "data.curriculum.rarity.schedule=fixed_root", "--set", "data.curriculum.rarity.start=20",
+                  "--set", "data.curriculum.rarity.steps=4"]
+
+
+def test_crash_then_resume_with_zero2_curriculum_and_random_ltd(env, tmp_path):
+    """A rank killed mid-run under ZeRO-2, a curriculum and random-LTD: the resumed run's losses are
+    the uninterrupted run's (the sampler and the draws are functions of the step)."""
+    whole, run = tmp_path / "whole", tmp_path / "r"
+    res, _ = tedmoe(env, "train", *TINY4, *DATA_EFFICIENT, "--out", str(whole))
+    assert res.returncode == 0, res.stderr[-2000:]
+    res, _ = tedmoe(env, "train", *TINY4, *DATA_EFFICIENT, "--out", str(run), fault="kill@2:5")
+    assert res.returncode != 0 and "rank 2 was killed" in res.stderr
+    res, _ = tedmoe(env, "train", *TINY4, *DATA_EFFICIENT, "--out", str(run), "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert losses(run) == losses(whole)
+    rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["curriculum"]["seq_len"] for r in rows] == [16, 16, 24, 24, 32, 32]
+
+
 def test_kill_during_save_keeps_the_previous_checkpoint(env, tmp_path, uninterrupted):
     run = tmp_path / "r"
     res, _ = tedmoe(env, "train", *TINY4, "--out", str(run), fault="kill_in_save@0:6")
