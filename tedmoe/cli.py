@@ -159,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     pn.add_argument("--seq-len", type=POSITIVE_INT, default=2048)
     pn.add_argument("--memory-gib", type=POSITIVE, help="memory cap per device (default: the hardware's)")
     pn.add_argument("--checkpointing", choices=typing.get_args(field_hints(TrainConfig)["checkpointing"]), default="cac")
+    pn.add_argument("--zero-stage", type=int, choices=(1, 2), default=1, help="1: optimizer states sharded; 2: "
+                    "gradients too (default: %(default)s)")
     pn.add_argument("--no-dtd", action="store_true", help="predict without duplicate token dropping")
     pn.add_argument("--tp", type=POSITIVE_INT, help="evaluate only this tensor-parallel degree")
     pn.add_argument("--ep", type=POSITIVE_INT, help="evaluate only this expert-parallel degree")
@@ -391,7 +393,8 @@ def _plan(args) -> int:
         dims = ParallelDims(args.gpus, tp, ep)
         model.validate(tp, ep)
         check_batch(args.global_batch, args.micro_batch, dims.dp, ("--global-batch", "--micro-batch"))
-    kw = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "train": paper_train(args.checkpointing),
+    train = dataclasses.replace(paper_train(args.checkpointing), zero_stage=args.zero_stage)
+    kw = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "train": train,
           "memory_cap": args.memory_gib * GiB if args.memory_gib else None, "dtd": not args.no_dtd}
     cands = [c for c in layouts(model, args.gpus, hw, args.global_batch, **kw,
                                 max_tp=max(args.tp or 1, hw.gpus_per_node))
@@ -405,7 +408,7 @@ def _plan(args) -> int:
     else:
         print(f"{args.model} ({model.moe.num_experts} experts) on {args.gpus} x {hw.name}, global batch "
               f"{args.global_batch} x {args.seq_len} tokens, checkpointing {args.checkpointing}, "
-              f"DTD {'off' if args.no_dtd else 'on'}")
+              f"ZeRO-{args.zero_stage}, DTD {'off' if args.no_dtd else 'on'}")
         print(table(cands))
     if not any(c.fits for c in cands):
         smallest = smallest_cluster(model, hw, args.global_batch, **kw)
