@@ -35,6 +35,7 @@ BAD = [  # (args with {d} for the files' directory, message)
     ("--tp 0", "argument --tp: 0 must be >= 1"),
     ("--ep 0", "argument --ep: 0 must be >= 1"),
     ("--checkpointing some", "argument --checkpointing: invalid choice: 'some'"),
+    ("--zero-stage 3", "argument --zero-stage: invalid choice: 3 (choose from 1, 2)"),
     ("--tp 3", "tp=3 does not divide world_size=128"),
     ("--ep 5", "ep=5 does not divide the data-parallel size dp=128"),
     ("--experts 15 --ep 2 --tp 1", "num_experts=15 is not divisible by ep=2"),
