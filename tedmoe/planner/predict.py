@@ -104,7 +104,12 @@ def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
     counts = param_counts(m, t, d.ep)
     for key, axis in (("non_expert", "dp"), ("expert", "edp")):  # "dsp" is named "dp" without SP
         n = d.size(axis)
-        if counts[key] and n > 1:
+        if counts[key] and n > 1 and plan.train.zero_stage == 2:  # buckets, reduce-scattered every micro-batch
+            bucket = max(n, math.ceil(min(plan.train.reduce_bucket_size, counts[key]) / n) * n)
+            buckets = math.ceil(counts[key] / bucket)
+            _add(out, "bwd", "reduce_scatter", axis, n, bucket, item, calls=buckets * plan.micro_batches)
+            _add(out, "step", "all_gather", axis, n, bucket // n, item, calls=buckets)
+        elif counts[key] and n > 1:
             shard = math.ceil(counts[key] / n)
             _add(out, "step", "reduce_scatter", axis, n, shard * n, item)
             _add(out, "step", "all_gather", axis, n, shard, item)

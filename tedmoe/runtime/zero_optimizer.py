@@ -206,7 +206,7 @@ class BucketedShard(FlatShard):
         return gathered.view(self.axis.size, self.buckets, self.piece).transpose(0, 1).reshape(-1)
 
     def _own_state(self) -> None:
-        self.master = self.own(self.param_buffer).float()  # a copy: the shard is not contiguous
+        self.master = self.own(self.param_buffer).to(torch.float32, copy=True)  # never a view of the parameters
         self.grad_shard = torch.zeros(self.shard, dtype=torch.float32, device=self.master.device)
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
@@ -252,7 +252,7 @@ class BucketedShard(FlatShard):
         bucket = self.staging.pop(k, None)
         if bucket is None:
             bucket = torch.zeros(self.bucket, dtype=self.dtype, device=self.grad_shard.device)
-        piece = comm.reduce_scatter(bucket, self.axis)
+        piece = comm.reduce_scatter(bucket, self.axis, phase="bwd")
         self.grad_shard[k * self.piece:(k + 1) * self.piece] += piece.float()
         self.next = k - 1
 
@@ -262,7 +262,8 @@ class BucketedShard(FlatShard):
         self.next, self.waiting, self.arrived = self.buckets - 1, list(self.expected), set()
 
     def reduce_grads(self) -> torch.Tensor:
-        self.micro_batch_done()  # a caller that ran one backward without it
+        if self.arrived:  # a caller that ran a backward without micro_batch_done()
+            self.micro_batch_done()
         return self.grad_shard
 
     def publish(self) -> None:
@@ -282,7 +283,8 @@ class BucketedShard(FlatShard):
 
     def gradients(self) -> list[torch.Tensor]:
         """The accumulated gradient of every parameter, summed over the axis (tests, debugging)."""
-        self.micro_batch_done()
+        if self.arrived:
+            self.micro_batch_done()
         return self._per_param(self._gather(self.grad_shard))
 
 

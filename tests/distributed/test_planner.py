@@ -13,8 +13,9 @@ from tedmoe.planner.predict import Plan, step_comm
 from tedmoe.runtime.engine import Engine
 
 CASES = {4: [(2, 2, True, "none"), (2, 2, False, "plain"), (1, 4, True, "cac"), (4, 1, True, "plain"),
-             (4, 1, False, "none")],
-         8: [(2, 2, True, "cac"), (2, 4, False, "none"), (4, 2, True, "plain"), (8, 1, True, "none")]}
+             (4, 1, False, "none"), (2, 2, True, "none", 2), (1, 4, False, "cac", 2)],
+         8: [(2, 2, True, "cac"), (2, 4, False, "none"), (4, 2, True, "plain"), (8, 1, True, "none"),
+             (2, 2, True, "plain", 2)]}  # (tp, ep, dtd, checkpointing[, ZeRO stage])
 MICRO, SEQ, ACCUM = 2, 16, 2
 
 
@@ -26,23 +27,23 @@ def model_config(dtd):
 
 def check_predictions(world):
     results = []
-    for tp, ep, dtd, ckpt in CASES[world]:
+    for tp, ep, dtd, ckpt, *stage in CASES[world]:
+        train = TrainConfig(checkpointing=ckpt, zero_stage=(stage or [1])[0], reduce_bucket_size=3000)
         topo = Topology(world, tp=tp, ep=ep)
         cfg = model_config(dtd)
         model = GPTMoE(cfg, topo)
         apply_checkpointing(model, ckpt)
         model.init_weights(0)
-        engine = Engine(model, topo, TrainConfig(checkpointing=ckpt))
+        engine = Engine(model, topo, train)
         g = torch.Generator().manual_seed(topo.coord("dp"))
         data = torch.randint(0, 64, (ACCUM, MICRO, SEQ + 1), generator=g)
         with comm.LEDGER.capture():
             engine.train_step([(d[:, :-1], d[:, 1:]) for d in data])
-        plan = Plan(cfg, world, tp, ep, micro_batch=MICRO, seq_len=SEQ, micro_batches=ACCUM,
-                    train=TrainConfig(checkpointing=ckpt))
+        plan = Plan(cfg, world, tp, ep, micro_batch=MICRO, seq_len=SEQ, micro_batches=ACCUM, train=train)
         measured = comm.LEDGER.as_dict()
         # the first step also checks once that every rank's micro-batches agree (not a per-step cost)
         assert measured.pop("checks") == {"all_gather/world": {"calls": 1, "bytes": (world - 1) * 32, "payload": 32}}
-        results.append(((tp, ep, dtd, ckpt), measured, step_comm(plan)))
+        results.append(((tp, ep, dtd, ckpt, *stage), measured, step_comm(plan)))
     return results
 
 
@@ -50,4 +51,8 @@ def check_predictions(world):
 def test_predicted_bytes_equal_measured(world, request):
     for per_rank in request.getfixturevalue(f"world{world}").run(check_predictions, world):
         for case, measured, predicted in per_rank:
-            assert measured == predicted, (case, measured, predicted)
+            diff = {(phase, key): (measured.get(phase, {}).get(key), predicted.get(phase, {}).get(key))
+                    for phase in measured.keys() | predicted.keys()
+                    for key in measured.get(phase, {}).keys() | predicted.get(phase, {}).keys()
+                    if measured.get(phase, {}).get(key) != predicted.get(phase, {}).get(key)}
+            assert not diff, (case, "(measured, predicted):", diff)
