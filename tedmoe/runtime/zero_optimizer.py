@@ -224,8 +224,6 @@ class BucketedShard(FlatShard):
         self.arrived: set = set()
 
     def attach_grads(self) -> None:
-        if not hasattr(self, "grad_shard"):
-            return
         self.grad_shard.zero_()
         for p in self.params:
             p.grad = None

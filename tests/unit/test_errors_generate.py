@@ -47,13 +47,6 @@ GENERATE = [  # (args with {run}, {ds}, {tmp}; message)
 ]
 
 
-@pytest.mark.parametrize("args,message", GENERATE, ids=[" ".join(g[0]) for g in GENERATE])
-def test_bad_generate_input_is_one_line(capsys, run_dir, tmp_path, args, message):
-    ds = data_dir(load_run_config(None, "tiny"))
-    args = [a.format(run=run_dir, ds=ds, tmp=tmp_path) for a in args]
-    if "--ckpt" not in args:
-        args += ["--ckpt", str(run_dir)]
-    one_line(*cli(capsys, "generate", *args), message)
 
 
 SERVE = [  # generate and serve share the engine options; serve checks them before it loads or binds
@@ -73,12 +66,16 @@ SERVE = [  # generate and serve share the engine options; serve checks them befo
 ]
 
 
-@pytest.mark.parametrize("args,message", SERVE, ids=[" ".join(g[0]) for g in SERVE])
-def test_bad_serve_input_is_one_line(capsys, run_dir, tmp_path, args, message):
-    args = [a.format(tmp=tmp_path) for a in args]
+ENGINE = [("generate", *g) for g in GENERATE] + [("serve", *g) for g in SERVE]
+
+
+@pytest.mark.parametrize("command,args,message", ENGINE, ids=[f"{c} {' '.join(a)}" for c, a, _ in ENGINE])
+def test_bad_generate_and_serve_input_is_one_line(capsys, run_dir, tmp_path, command, args, message):
+    ds = data_dir(load_run_config(None, "tiny"))
+    args = [a.format(run=run_dir, ds=ds, tmp=tmp_path) for a in args]
     if "--ckpt" not in args:
         args += ["--ckpt", str(run_dir)]
-    one_line(*cli(capsys, "serve", *args), message)
+    one_line(*cli(capsys, command, *args), message)
 
 
 def test_generate_works_on_the_same_run(capsys, run_dir):
