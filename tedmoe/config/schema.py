@@ -248,12 +248,23 @@ class TrainConfig:
     """fp16 only: steps without overflow before the scale doubles."""
     tile_size: PosInt | None = 1 << 20
     """Elements per tile of the optimizer step (``None``: the whole shard at once)."""
-    zero_stage: Annotated[int, Range(ge=1, le=2)] = 1
+    zero_stage: Annotated[int, Range(ge=1, le=3)] = 1
     """ZeRO stage: 1 shards the optimizer states (the gradients of a step are kept whole until
     the step), 2 the gradients as well: each bucket of gradients is reduce-scattered to its owners
-    as soon as the backward has produced it, and no whole gradient is kept."""
+    as soon as the backward has produced it, and no whole gradient is kept; 3 the parameters as
+    well: each block's parameters are gathered just before the block runs (forward and backward)
+    and freed after, the next block's gather overlapping the current block's compute."""
     reduce_bucket_size: PosInt = 1 << 22
     """ZeRO-2: elements per gradient bucket (each rank owns 1/n of every bucket)."""
+    offload: Literal["none", "cpu", "disk"] = "none"
+    """Where the optimizer states live (ZeRO-Offload / ZeRO-Infinity): on the device, in host
+    memory (``cpu``; the same as ``none`` when the device is the CPU) or in files under
+    ``offload_path`` (``disk``; NVMe in practice), streamed through the step tile by tile with
+    the next tile's read overlapped with the current tile's update. At stage 3 ``disk`` keeps
+    this rank's parameter shards in the files as well."""
+    offload_path: str | None = None
+    """``offload = "disk"``: an existing, writable directory on a fast disk; each rank writes
+    its files into a new subdirectory of it and removes that subdirectory when it ends."""
     max_bad_steps: NonNegInt = 0
     """Steps in a row whose gradients are NaN or infinite (bf16/fp32) that are skipped before
     the run stops; fp16 overflow is handled by the loss scale instead."""
@@ -265,6 +276,15 @@ class TrainConfig:
         check_fields(self, "train.")
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be between 0 and max_steps={self.max_steps}")
+        if self.offload == "disk":
+            if self.offload_path is None:
+                raise ValueError("train.offload='disk' needs train.offload_path: a writable directory on a fast disk")
+            if self.tile_size is None:
+                raise ValueError("train.offload='disk' streams the optimizer step tile by tile; set train.tile_size "
+                                 "(e.g. 1048576) instead of null")
+        elif self.offload_path is not None:
+            raise ValueError(f"train.offload_path is set but train.offload={self.offload!r} does not use it; set "
+                             "train.offload='disk' or remove offload_path")
 
 
 @dataclass

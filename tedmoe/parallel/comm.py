@@ -90,6 +90,18 @@ def all_gather_into(out: torch.Tensor, x: torch.Tensor, axis: Axis, phase: str |
         _collective("all_gather", axis, x, phase, out=out)
 
 
+def all_gather_into_async(out: torch.Tensor, x: torch.Tensor, axis: Axis, phase: str | None = None):
+    """``all_gather_into`` started in the background (recorded when issued; never replayed, so it
+    can prefetch during a CAC recompute); returns a handle whose ``wait()`` completes it, or
+    ``None`` when nothing runs (an axis of size 1)."""
+    if axis.size == 1:
+        return None
+    work = _all_gather_flat(out, x, group=axis.group, async_op=True)
+    LEDGER.record("all_gather", axis.name, sent_bytes("all_gather", axis.size, x.numel(), x.element_size()),
+                  x.numel() * x.element_size(), phase)
+    return work
+
+
 def reduce_scatter(x: torch.Tensor, axis: Axis, dim: int = 0, phase: str | None = None) -> torch.Tensor:
     """Sum ``x`` over ``axis`` and keep this rank's 1/n slice along ``dim`` (no autograd)."""
     if axis.size == 1:

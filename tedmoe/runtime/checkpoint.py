@@ -82,11 +82,13 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, topology: Top
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(topology)
-    state, _ = _state(model, optimizer, topology)
-    if any(k.startswith("qat/mask/") for k in state):
-        meta = {**meta, "nm_masks": True}
-    with _quiet():
-        dcp.save(state, checkpoint_id=str(tmp), no_dist=topology.world_size == 1)
+    with optimizer.whole_parameters():  # ZeRO-3: gathered for the save, freed after
+        state, _ = _state(model, optimizer, topology)
+        if any(k.startswith("qat/mask/") for k in state):
+            meta = {**meta, "nm_masks": True}
+        with _quiet():
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=topology.world_size == 1)
+        del state
     faults.maybe_fail("save", topology.rank, step)
     if rank0:
         meta = {**meta, "step": step, "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
@@ -157,10 +159,12 @@ def load_checkpoint(path: str | Path, model, optimizer, topology: Topology, mode
     diff = model_differences(meta.get("config", {}).get("model"), model_config)
     if diff:
         raise CheckpointError(f"checkpoint {meta['path']} was made for another model (differs in {', '.join(diff)})")
-    state, optim = _state(model, optimizer, topology)
-    _load(meta, state, model, topology)
-    for group, states in optim:
-        group.load_per_param_states(states)
+    with optimizer.whole_parameters(loading=True):
+        state, optim = _state(model, optimizer, topology)
+        _load(meta, state, model, topology)
+        for group, states in optim:
+            group.load_per_param_states(states)
+        del state, optim
     optimizer.loss_scale, optimizer.good_steps = meta["loss_scale"], meta["good_steps"]
     optimizer.step_count = meta["optimizer_steps"]  # the routers' draws continue from it
     return meta

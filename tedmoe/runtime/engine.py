@@ -52,8 +52,8 @@ class Engine:
         from tedmoe.parallel.sharding import full_of, replica_axis
 
         scale = 1.0 / (self.topology.size("dp") * num_micro_batches * self.optimizer.loss_scale)
-        summed = {}  # ZeRO-2: the gradients live reduced in the owners' shards
-        if self.config.zero_stage == 2:
+        summed = {}  # ZeRO-2 and 3: the gradients live reduced in the owners' shards
+        if self.config.zero_stage >= 2:
             summed = {id(p): g for group in self.optimizer.groups for p, g in zip(group.params, group.gradients())}
         out = {}
         for name, p in self.model.named_parameters():

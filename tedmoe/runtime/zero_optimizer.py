@@ -27,6 +27,8 @@ states per parameter, so a checkpoint loads into any layout), ``runtime/engine.p
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -286,6 +288,153 @@ class BucketedShard(FlatShard):
         return self._per_param(self._gather(self.grad_shard))
 
 
+class ParameterShard(BucketedShard):
+    """ZeRO-3: one unit of parameters (a block's non-expert or expert parameters, or the
+    parameters outside the blocks) that exists whole only while it is used.
+
+    The unit is one bucket: this rank keeps the contiguous ``[shard]`` slice of its flat buffer
+    (``param_shard``, in the model dtype; with fp32 parameters it is also the master weights)
+    and the buffer's storage is released (``resize_(0)``) while the unit is not in use, so the
+    parameters keep their shapes but hold no memory. ``gather`` all-gathers the slices back into
+    the buffer (in the background with ``wait=False``; ``ready`` completes it); ``free`` releases
+    it. The backward reduce-scatters the unit's gradient as ZeRO-2 does a bucket, then frees the
+    parameters. The step updates ``param_shard`` only: no all-gather after it."""
+
+    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis):
+        super().__init__(params, axis, tp, bucket_size=1 << 62)
+        self.shards = axis.size > 1 and bool(params)  # an axis of size 1: always whole, nothing to gather
+        own = self.own(self.param_buffer)  # one bucket: this rank's contiguous slice (a view)
+        self.param_shard = own.clone() if self.shards else own
+        if self.dtype == torch.float32:
+            self.master = self.param_shard  # fp32 parameters are the master weights
+        self.whole = True
+        self.pending = None
+        self.free()
+
+    def gather(self, wait: bool = True, phase: str | None = None) -> None:
+        if not self.shards or self.whole:
+            return
+        self.param_buffer.untyped_storage().resize_(self.padded * self.param_buffer.element_size())
+        self.pending = comm.all_gather_into_async(self.param_buffer, self.param_shard, self.axis, phase)
+        self.whole = True
+        if wait:
+            self.ready()
+
+    def ready(self) -> None:
+        """Complete a background gather (if one is running)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def free(self) -> None:
+        if self.shards and self.whole:
+            self.ready()
+            self.param_buffer.untyped_storage().resize_(0)
+            self.whole = False
+
+    def _send(self, k: int) -> None:
+        super()._send(k)
+        self.free()  # the unit's backward is over: its gradient has all arrived
+
+    def publish(self) -> None:
+        """The updated master into this rank's shard; the next gather spreads it."""
+        if self.param_shard is not self.master:
+            self.param_shard.copy_(self.master)
+
+    def keep_loaded(self) -> None:
+        """After parameters were written into the gathered buffer (a checkpoint load): keep this
+        rank's slice of them as its shard."""
+        self.param_shard.copy_(self.own(self.param_buffer))
+
+
+class Stage3:
+    """Gathers each unit just before use and frees it after (ZeRO-3). Units: per block of
+    ``model.blocks``, its non-expert parameters (over ``dsp``) and its experts (over ``edp``);
+    the parameters outside the blocks (embedding, final norm, head) form the root units, gathered
+    when the embedding runs and kept until their gradients are reduced (or, without autograd,
+    until the head has run). Forward: block ``i``'s units are gathered (waited for) in its
+    pre-hook, block ``i + 1``'s gather starts in the background, and ``i``'s are freed after it
+    ran. Backward: when the first gradient of block ``i``'s outputs is computed, its units are
+    gathered again and block ``i - 1``'s gather starts; a unit is freed once all its parameters'
+    gradients have been reduce-scattered. Every rank runs the same graph, so the collectives are
+    issued in the same order on all of them."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], topology: Topology):
+        tp = topology.axis("tp")
+        wanted = {id(p) for p in params}
+
+        def units(ps):
+            ps = [p for p in ps if id(p) in wanted]
+            return [ParameterShard([p for p in ps if replica_axis(p) == axis], topology.axis(axis), tp)
+                    for axis in ("dsp", "edp")]
+
+        blocks = list(getattr(model, "blocks", []))
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        self.root = units([p for p in model.parameters() if id(p) not in in_blocks])
+        self.blocks = [units(b.parameters()) for b in blocks]
+        self.units = self.root + [u for b in self.blocks for u in b]
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(functools.partial(self._before, i))
+            block.register_forward_hook(functools.partial(self._after, i))
+        first, last = getattr(model, "embed", None), getattr(model, "head", None)
+        if first is not None:
+            first.register_forward_pre_hook(self._root_before)
+        if last is not None:
+            last.register_forward_hook(self._root_after)
+
+    def _root_before(self, module, args) -> None:
+        for u in self.root:
+            u.gather()
+
+    def _root_after(self, module, args, out) -> None:
+        if not torch.is_grad_enabled():  # with autograd: freed once their gradients are reduced
+            for u in self.root:
+                u.free()
+
+    def _gather_block(self, i: int, wait: bool, phase: str | None = None) -> None:
+        if 0 <= i < len(self.blocks):
+            for u in self.blocks[i]:
+                u.gather(wait=False, phase=phase)
+                if wait:
+                    u.ready()
+
+    def _before(self, i: int, module=None, args=None) -> None:
+        self._gather_block(i, wait=True)
+        self._gather_block(i + 1, wait=False)  # prefetch: overlaps block i's compute
+
+    def _after(self, i: int, module, args, out) -> None:
+        for u in self.blocks[i]:
+            u.free()
+        if torch.is_grad_enabled():
+            tensors = [t for t in (out if isinstance(out, tuple) else (out,))
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            if tensors:
+                torch.autograd.graph.register_multi_grad_hook(tensors, lambda grads, i=i: self._backward(i),
+                                                              mode="any")
+
+    def _backward(self, i: int) -> None:
+        self._gather_block(i, wait=True, phase="bwd")
+        self._gather_block(i - 1, wait=False, phase="bwd")
+
+    def release(self) -> None:
+        """After a micro-batch's backward: nothing stays gathered."""
+        for u in self.units:
+            u.free()
+
+    @contextlib.contextmanager
+    def whole(self, loading: bool = False):
+        """Every parameter whole inside (checkpoints); ``loading``: keep what was written into them."""
+        for u in self.units:
+            u.gather()
+        try:
+            yield
+        finally:
+            for u in self.units:
+                if loading:
+                    u.keep_loaded()
+                u.free()
+
+
 class ZeroAdamW:
     """AdamW over a tensor/expert/data-parallel model, ZeRO-1 sharded (see the module docstring)."""
 
@@ -295,7 +444,11 @@ class ZeroAdamW:
         params = [p for p in model.parameters() if p.requires_grad]
         tp = topology.axis("tp")
         # one group per replica axis: non-expert parameters over dsp, then experts over edp
-        if config.zero_stage == 2:
+        self.stage3 = None
+        if config.zero_stage == 3:
+            self.stage3 = Stage3(model, params, topology)
+            self.groups = self.stage3.units
+        elif config.zero_stage == 2:
             self.groups = [BucketedShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp,
                                          config.reduce_bucket_size) for axis in ("dsp", "edp")]
         else:
@@ -318,6 +471,13 @@ class ZeroAdamW:
         """After each micro-batch's backward: ZeRO-2 sends the gradient buckets still open."""
         for g in self.groups:
             g.micro_batch_done()
+        if self.stage3 is not None:
+            self.stage3.release()
+
+    def whole_parameters(self, loading: bool = False):
+        """A context in which every parameter is whole (ZeRO-3 gathers them; other stages keep
+        them whole anyway). ``loading``: what is written into them inside is kept."""
+        return self.stage3.whole(loading) if self.stage3 is not None else contextlib.nullcontext()
 
     def step(self, num_micro_batches: int) -> dict[str, float]:
         """Reduce, clip and apply the accumulated gradients of ``num_micro_batches`` micro-batches

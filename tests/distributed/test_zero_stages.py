@@ -1,7 +1,8 @@
 """ZeRO stages: stage 2 (gradients reduce-scattered bucket by bucket during the backward, never
-kept whole) gives the single-process loss, gradients and 10-step curve in TP x EP x DP x SP
-layouts, with several buckets per group, clipping on and the tiled step; a checkpoint written at
-one stage and layout continues at another with the uninterrupted losses."""
+kept whole) and stage 3 (parameters too: gathered per block before use, freed after) give the
+single-process loss, gradients and 10-step curve in TP x EP x DP x SP layouts, with several
+buckets per group, clipping on and the tiled step; a checkpoint written at one stage and layout
+continues at another with the uninterrupted losses."""
 
 import dataclasses
 
@@ -28,33 +29,36 @@ def model_config(world, dropless=False):
     return cfg
 
 
-def stage2(**kw):
-    return te.train_config(zero_stage=2, reduce_bucket_size=BUCKET, tile_size=300, **kw)
+def stage2(stage=2, **kw):
+    return te.train_config(zero_stage=stage, reduce_bucket_size=BUCKET, tile_size=300, **kw)
 
 
-def check_layouts(world):
+def check_layouts(world, stage):
     out = {}
     for tp, ep, sp, checkpointing in LAYOUTS[world]:
         topo = Topology(world, tp=tp, ep=ep, sp=sp)
-        result = te.run(topo, stage2(), checkpointing, model_cfg=model_config(world, sp > 1))
+        result = te.run(topo, stage2(stage), checkpointing, model_cfg=model_config(world, sp > 1))
         out[(tp, ep, sp, checkpointing)] = result if torch.distributed.get_rank() == 0 else None
     return out
 
 
+@pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("world", [4, 6])
-def test_stage2_matches_single_process(world, request):
-    results = request.getfixturevalue(f"world{world}").run(check_layouts, world)[0]
+def test_stage_matches_single_process(world, stage, request):
+    results = request.getfixturevalue(f"world{world}").run(check_layouts, world, stage)[0]
     references = {}
     for (tp, ep, sp, checkpointing), result in results.items():
         if (sp > 1) not in references:
             references[sp > 1] = te.run(Topology.single(), te.train_config(), model_cfg=model_config(world, sp > 1))
-        assert_matches_reference(f"ZeRO-2 tp={tp} ep={ep} sp={sp} {checkpointing}", result, references[sp > 1])
+        assert_matches_reference(f"ZeRO-{stage} tp={tp} ep={ep} sp={sp} {checkpointing}", result,
+                                 references[sp > 1])
 
 
-def test_stage2_in_one_process_equals_stage1():
-    one = te.run(Topology.single(), stage2(), steps=4)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_stage_in_one_process_equals_stage1(stage):
+    one = te.run(Topology.single(), stage2(stage), steps=4)
     ref = te.run(Topology.single(), te.train_config(), steps=4)
-    assert_matches_reference("ZeRO-2, one process", one, ref)
+    assert_matches_reference(f"ZeRO-{stage}, one process", one, ref)
 
 
 def save_then_continue(path, first, then):
@@ -67,15 +71,59 @@ def save_then_continue(path, first, then):
     saved = ckpt.save_checkpoint(path, 3, engine.model, engine.optimizer, topo, {"config": {"model": model}})
     topo2 = Topology(4, tp=tp2, ep=ep2)
     engine2 = te.build(topo2, te.train_config(zero_stage=stage2_, reduce_bucket_size=BUCKET))
-    engine2.model.init_weights(seed=99)  # nothing of the fresh model survives the load
+    with engine2.optimizer.whole_parameters(loading=True):  # ZeRO-3 parameters hold no memory outside
+        engine2.model.init_weights(seed=99)  # nothing of the fresh model survives the load
     ckpt.load_checkpoint(saved, engine2.model, engine2.optimizer, topo2, model)
     losses += [engine2.train_step(te.rank_batches(s, topo2))["loss"] for s in range(3, 6)]
     return losses
 
 
-@pytest.mark.parametrize("first,then", [((2, 2, 2), (1, 4, 1)), ((1, 4, 1), (2, 2, 2))])
+@pytest.mark.parametrize("first,then", [((2, 2, 2), (1, 4, 1)), ((1, 4, 1), (2, 2, 2)), ((2, 2, 3), (1, 4, 2)),
+                                         ((1, 4, 1), (2, 2, 3)), ((1, 4, 3), (4, 1, 3))])
 def test_checkpoints_move_between_stages_and_layouts(world4, tmp_path, first, then):
     engine = te.build(Topology.single(), te.train_config())
     want = [engine.train_step(te.micro_batches(s))["loss"] for s in range(6)]
     got = world4.run(save_then_continue, str(tmp_path / "ckpt"), first, then)[0]
     assert got == pytest.approx(want, rel=2e-5)
+
+
+def stage3_residency():
+    """One ZeRO-3 step in EP 2 x DP 4 (both groups sharded): what is whole when, and the ledger."""
+    from tedmoe.parallel.ledger import LEDGER
+
+    topo = Topology(4, tp=1, ep=2)
+    engine = te.build(topo, stage2(3))
+    stage3 = engine.optimizer.stage3
+    live = lambda units: sum(u.param_buffer.untyped_storage().nbytes() for u in units)  # noqa: E731
+    seen = []
+    for block in engine.model.blocks:  # registered after the optimizer's hooks: runs after its gathers
+        block.register_forward_pre_hook(lambda m, a: seen.append(live(stage3.units)))
+    with LEDGER.capture() as ledger:
+        engine.train_step(te.rank_batches(0, topo))
+    whole = lambda units: sum(u.padded * u.param_buffer.element_size() for u in units if u.shards)  # noqa: E731
+    sharded = [u for u in stage3.units if u.shards]
+    return {"between_steps": live(sharded), "seen": seen, "ledger": ledger.as_dict(),
+            "root": whole(stage3.root), "blocks": [whole(b) for b in stage3.blocks],
+            "one_nth": all(u.param_shard.numel() * u.axis.size == u.padded for u in sharded),
+            "units": {axis: [sum(u.shards and u.axis.name == axis for u in units)
+                             for units in [stage3.root] + stage3.blocks] for axis in ("dsp", "edp")},
+            "micro_batches": len(te.rank_batches(0, topo))}
+
+
+def test_stage3_gathers_per_block_and_keeps_only_shards(world4):
+    r = world4.run(stage3_residency)[0]
+    assert r["between_steps"] == 0  # no whole parameter between steps
+    assert r["one_nth"]  # each rank keeps 1/n of every unit (n: the unit's axis)
+    blocks, root, mb = r["blocks"], r["root"], r["micro_batches"]
+    assert len(blocks) == 2 and all(blocks) and root
+    # in block 0: the root, block 0 and block 1 (prefetched); in block 1: the root and block 1
+    assert r["seen"] == [root + blocks[0] + blocks[1], root + blocks[1]] * mb
+    ledger, units = r["ledger"], r["units"]
+    for axis in ("dsp", "edp"):
+        per_block = sum(units[axis][1:])
+        if not sum(units[axis]):
+            continue
+        assert ledger["fwd"][f"all_gather/{axis}"]["calls"] == mb * (units[axis][0] + per_block)
+        assert ledger["bwd"][f"all_gather/{axis}"]["calls"] == mb * per_block
+        assert ledger["bwd"][f"reduce_scatter/{axis}"]["calls"] == mb * sum(units[axis])
+    assert not any(k.startswith("all_gather") for k in ledger["step"])  # the step updates shards only

@@ -88,7 +88,7 @@ BAD = [  # (overrides, nproc, message): layout and model mistakes
      "model.random_ltd.segments=1 is not divisible by sp=2; set segments to a multiple of 2"),
     (["model.num_layers=4", "model.random_ltd.layers=[1]", "model.random_ltd.start=64"], 1,
      "model.random_ltd.start=64 is above seq_len=32"),
-    (["train.zero_stage=3"], 1, "train.zero_stage=3 is not allowed: it must be an integer in [1, 2]"),
+    (["train.zero_stage=4"], 1, "train.zero_stage=4 is not allowed: it must be an integer in [1, 3]"),
     (["compress.distill_weight=0"], 1, "compress.distill_weight=0 is not allowed: it must be a finite number in (0, 1]"),
 ]
 

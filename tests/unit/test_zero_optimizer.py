@@ -51,21 +51,29 @@ def test_tiled_step_is_bit_identical():
             assert torch.equal(g0.exp_avg_sq, g.exp_avg_sq) and torch.equal(g0.master, g.master)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_zero2_keeps_no_whole_gradient_and_steps_like_zero1(precision):
-    """Stage 2 in one process: the same updates as stage 1 (fp32: to rounding; the buckets sum the
-    micro-batches in another order), every ``p.grad`` freed once its bucket is sent, and the only
-    gradient storage the shard-sized fp32 sum."""
+def test_zero2_and_3_keep_no_whole_gradient_and_step_like_zero1(precision, stage):
+    """Stages 2 and 3 in one process: the same updates as stage 1 (fp32: to rounding; the buckets
+    sum the micro-batches in another order), every ``p.grad`` freed once its bucket is sent, and
+    the only gradient storage the shard-sized fp32 sum."""
     one = _engine(precision=precision, initial_loss_scale=1024.0)
-    two = _engine(precision=precision, initial_loss_scale=1024.0, zero_stage=2, reduce_bucket_size=500, tile_size=77)
+    two = _engine(precision=precision, initial_loss_scale=1024.0, zero_stage=stage, reduce_bucket_size=500,
+                  tile_size=77)
     numel = sum(p.numel() for p in two.model.parameters())
     for step in range(3):
         a, b = one.train_step(micro_batches(step)), two.train_step(micro_batches(step))
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5 if precision == "fp32" else 2e-2)
+        assert b["loss_scale"] == a["loss_scale"]
         assert all(p.grad is None for p in two.model.parameters())
     for g in two.optimizer.groups:
         assert not hasattr(g, "grad_buffer") and g.grad_shard.numel() <= g.padded
-        assert g.buckets == -(-sum(p.numel() for p in g.params) // 500)
+        if stage == 2:
+            assert g.buckets == -(-sum(p.numel() for p in g.params) // 500)
+        else:  # one unit per block and axis (and the root), each one bucket
+            assert g.buckets == (1 if g.params else 0)
+    if stage == 3:
+        assert len(two.optimizer.groups) == 2 * (1 + len(two.model.blocks))
     assert sum(g.grad_shard.numel() for g in two.optimizer.groups) < numel + 1000
     if precision == "fp32":
         for p, q in zip(one.model.parameters(), two.model.parameters()):
@@ -128,7 +136,7 @@ def test_parameter_counts():
     ({"checkpointing": "always"}, "train.checkpointing='always' is not allowed: it must be one of 'none'"),
     ({"grad_clip": 0.0}, "train.grad_clip=0.0 is not allowed: it must be a finite number > 0"),
     ({"warmup_steps": 20, "max_steps": 10}, "warmup_steps=20 must be between 0 and max_steps=10"),
-    ({"zero_stage": 4}, r"train.zero_stage=4 is not allowed: it must be an integer in \[1, 2\]"),
+    ({"zero_stage": 4}, r"train.zero_stage=4 is not allowed: it must be an integer in \[1, 3\]"),
     ({"reduce_bucket_size": 0}, "train.reduce_bucket_size=0 is not allowed: it must be an integer >= 1"),
 ])
 def test_bad_train_config(change, message):
