@@ -162,9 +162,9 @@ def load_checkpoint(path: str | Path, model, optimizer, topology: Topology, mode
     with optimizer.whole_parameters(loading=True):
         state, optim = _state(model, optimizer, topology)
         _load(meta, state, model, topology)
-        for group, states in optim:
-            group.load_per_param_states(states)
-        del state, optim
+        del state
+    for group, states in optim:  # after: ZeRO-3 keeps the loaded parameters as shards, then the exact master
+        group.load_per_param_states(states)
     optimizer.loss_scale, optimizer.good_steps = meta["loss_scale"], meta["good_steps"]
     optimizer.step_count = meta["optimizer_steps"]  # the routers' draws continue from it
     return meta

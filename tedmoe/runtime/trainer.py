@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,6 +87,32 @@ def check_memory(cfg: RunConfig, world: int) -> None:
                          "or use more ranks")
 
 
+def check_offload_path(cfg: RunConfig, world: int) -> None:
+    """``train.offload_path`` is a writable directory with room for this machine's ranks' files."""
+    from tedmoe.planner.predict import param_counts
+
+    path, where = Path(cfg.train.offload_path), f"train.offload_path={cfg.train.offload_path!r}"
+    if not path.is_dir():
+        raise ValueError(f"{where} is not a directory; create it (on a fast disk) or point offload_path at one")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(f"{where} is not writable ({err.strerror}); choose a directory you can write to") from None
+    p = cfg.parallel
+    dsp = world // p.tp
+    counts = param_counts(cfg.model, p.tp, p.ep)
+    # per rank: fp32 master, exp_avg, exp_avg_sq of its shards (non-expert over dp x sp, experts over edp)
+    per_rank = 12 * (counts["non_expert"] / dsp + counts["expert"] / max(1, dsp // p.ep))
+    ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    free = shutil.disk_usage(path).free
+    if per_rank * ranks > free:
+        mib = 2**20
+        raise ValueError(f"{where} has {free / mib:,.0f} MiB free but the offloaded optimizer states need about "
+                         f"{per_rank * ranks / mib:,.0f} MiB ({ranks} ranks x {per_rank / mib:,.0f} MiB); free space "
+                         "there or choose a larger disk")
+
+
 def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes: bool = False) -> dict:
     """Everything that can be checked without process groups, so a mistake fails once, early.
     Returns what a resume would do: ``{"checkpoint": path or None, "step": N, "finished": bool}``."""
@@ -104,6 +132,8 @@ def check_before_launch(cfg: RunConfig, world: int, resume: bool, accept_changes
     BatchSampler(val, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)
     if cfg.compress.teacher is not None:
         check_teacher(cfg, world)
+    if cfg.train.offload == "disk":
+        check_offload_path(cfg, world)
     found = ckpt.latest_checkpoint(Path(cfg.out_dir) / "checkpoints") if resume else None
     if found is None:
         return {"checkpoint": None, "step": 0, "finished": False}
@@ -361,7 +391,9 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
     if bar is not None:
         bar.close()
     if cfg.export and last == cfg.train.max_steps:
-        export(model, topo, cfg, out)
+        with engine.optimizer.whole_parameters():  # ZeRO-3: gathered for the export
+            export(model, topo, cfg, out)
+    engine.optimizer.close()
     if rank == 0 and record:
         layout = f"TP {topo.size('tp')} x EP {topo.size('ep')} x DP {dp}" + (
             f" x SP {topo.size('sp')}" if topo.size("sp") > 1 else "")

@@ -28,6 +28,7 @@ states per parameter, so a checkpoint loads into any layout), ``runtime/engine.p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 
@@ -38,15 +39,27 @@ from tedmoe.config import TrainConfig
 from tedmoe.parallel import comm
 from tedmoe.parallel.sharding import counted_once, replica_axis
 from tedmoe.parallel.topology import Axis, Topology
+from tedmoe.runtime.offload import OffloadDirectory, make_states
 
 NORM_CHUNK = 1 << 16
+
+
+@dataclasses.dataclass
+class Offload:
+    """Where the groups' optimizer states go (``train.offload``), and the stores made so far."""
+
+    kind: str = "none"
+    directory: OffloadDirectory | None = None
+    tag: str = "rank0"
+    made: list = dataclasses.field(default_factory=list)
 
 
 class FlatShard:
     """One parameter group's ZeRO-1 state on this rank."""
 
-    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis):
+    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis, offload: Offload | None = None):
         self.params, self.axis = params, axis
+        self.offload = offload or Offload()
         self._layout(sum(p.numel() for p in params))
         self.dtype = params[0].dtype if params else torch.float32
         device = params[0].device if params else None
@@ -75,14 +88,46 @@ class FlatShard:
         """This rank's shard of a flat ``[padded]`` tensor (a view)."""
         return flat[self.lo:self.lo + self.shard]
 
+    def _master_alias(self) -> torch.Tensor | None:
+        """The tensor that is the fp32 master weights when the parameters are (fp32, not offloaded)."""
+        if self.dtype == torch.float32 and self.offload.kind == "none":
+            return self.own(self.param_buffer)
+        return None
+
+    def _make_states(self) -> None:
+        """The fp32 master (unless the parameters are it) and Adam's moments, where ``offload`` says."""
+        self._alias = self._master_alias()
+        names = [n for n in self.STATES if not (n == "master" and self._alias is not None)]
+        self.states = make_states(self.offload.kind, names, self.shard, self.param_buffer.device,
+                                  self.offload.directory, f"{self.offload.tag}-{len(self.offload.made)}")
+        self.offload.made.append(self.states)
+        if "master" in names and self.shard:
+            self.states.set("master", self.own(self.param_buffer).float())
+
+    def _state(self, name: str) -> torch.Tensor:
+        """A whole state (a copy when it lives on disk)."""
+        return self._alias if name == "master" and self._alias is not None else self.states.get(name)
+
+    master = property(lambda self: self._state("master"))
+    exp_avg = property(lambda self: self._state("exp_avg"))
+    exp_avg_sq = property(lambda self: self._state("exp_avg_sq"))
+
+    def _set_state(self, name: str, value: torch.Tensor) -> None:
+        if name == "master" and self._alias is not None:
+            self._alias.copy_(value)
+        else:
+            self.states.set(name, value)
+
     def _own_state(self) -> None:
-        own = self.own(self.param_buffer)
-        self.master = own if self.dtype == torch.float32 else own.float()  # fp32: the parameters are the master
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        self._make_states()
         # gradients accumulate in place in one flat buffer (``p.grad`` are views of it), so
         # the reduce-scatter reads it directly, with no concatenated copy
-        self.grad_buffer = torch.zeros(self.padded, dtype=self.dtype, device=self.master.device)
+        self.grad_buffer = torch.zeros(self.padded, dtype=self.dtype, device=self.param_buffer.device)
+
+    def _write_own(self, a: int, p: torch.Tensor) -> None:
+        """Elements ``[a, a + len(p))`` of this rank's shard of the parameters = the updated master."""
+        if self._alias is None:
+            self.param_buffer[self.lo + a:self.lo + a + p.numel()] = p
 
     def attach_grads(self) -> None:
         """Point every ``p.grad`` at its slice of the (zeroed) flat gradient buffer."""
@@ -119,7 +164,7 @@ class FlatShard:
         """Inverse of ``per_param_states``: keep this rank's slice of each state."""
         for state in self.STATES:
             flat = self._flat(states[state], torch.float32)
-            getattr(self, state).copy_(flat[self.lo:self.lo + self.shard])
+            self._set_state(state, flat[self.lo:self.lo + self.shard])
 
     def reduce_grads(self) -> torch.Tensor:
         """Step 1: this rank's shard of the gradient, summed over the axis."""
@@ -130,12 +175,12 @@ class FlatShard:
                 view.copy_(p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(view))
             offset += p.numel()
         if not self.params:
-            return self.master
+            return self.grad_buffer
         return comm.reduce_scatter(self.grad_buffer, self.axis)
 
     def sq_norm(self, grad: torch.Tensor, scale: float) -> torch.Tensor:
         """Step 2 (local part): sum of squares of the counted elements of ``scale * grad``."""
-        total = torch.zeros((), dtype=torch.float32, device=self.master.device)
+        total = torch.zeros((), dtype=torch.float32, device=grad.device)
         for a in range(0, self.shard, NORM_CHUNK):
             g = grad[a:a + NORM_CHUNK].float() * scale  # a new tensor: never square the gradient in place
             total += g.square_().masked_fill_(~self.counted[a:a + NORM_CHUNK], 0.0).sum()
@@ -147,19 +192,17 @@ class FlatShard:
         b1, b2 = cfg.betas
         bc1, bc2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
         tile = tile_size or max(self.shard, 1)
-        own = self.own(self.param_buffer) if self.lo is not None else None  # ZeRO-2: publish() copies
-        for a in range(0, self.shard, tile):
-            s = slice(a, a + tile)
-            p, m, v = self.master[s], self.exp_avg[s], self.exp_avg_sq[s]
-            g = grad[s].float() * factor
+        for s, tiles in self.states.tiles(tile):
+            p = tiles["master"] if "master" in tiles else self._alias[s]
+            m, v = tiles["exp_avg"], tiles["exp_avg_sq"]
+            g = grad[s].to(p.device, torch.float32) * factor
             if cfg.weight_decay:
-                p.copy_(torch.where(self.decay[s], p * (1 - lr * cfg.weight_decay), p))
+                p.copy_(torch.where(self.decay[s].to(p.device), p * (1 - lr * cfg.weight_decay), p))
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(cfg.eps)
             p.addcdiv_(m, denom, value=-lr / bc1)
-            if own is not None and p.data_ptr() != own[s].data_ptr():
-                own[s] = p
+            self._write_own(s.start, p)
             del g, denom
         self.publish()
 
@@ -186,13 +229,14 @@ class BucketedShard(FlatShard):
     all-gathered bucket by bucket into the parameters.
     """
 
-    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis, bucket_size: int):
+    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis, bucket_size: int,
+                 offload: Offload | None = None):
         n = axis.size
         numel = sum(p.numel() for p in params)
         self.bucket = max(n, math.ceil(min(bucket_size, max(numel, 1)) / n) * n)
         self.buckets = math.ceil(numel / self.bucket) if params else 0
         self.piece = self.bucket // n
-        super().__init__(params, axis, tp)
+        super().__init__(params, axis, tp, offload)
 
     def _layout(self, numel: int) -> None:
         self.padded = self.buckets * self.bucket
@@ -207,11 +251,12 @@ class BucketedShard(FlatShard):
         """Every rank's shards ``[n * shard]`` (rank-major) back into the flat order ``[padded]``."""
         return gathered.view(self.axis.size, self.buckets, self.piece).transpose(0, 1).reshape(-1)
 
+    def _master_alias(self) -> torch.Tensor | None:
+        return None  # this rank's slices are not one contiguous range of the parameters
+
     def _own_state(self) -> None:
-        self.master = self.own(self.param_buffer).to(torch.float32, copy=True)  # never a view of the parameters
-        self.grad_shard = torch.zeros(self.shard, dtype=torch.float32, device=self.master.device)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        self._make_states()
+        self.grad_shard = torch.zeros(self.shard, dtype=torch.float32, device=self.param_buffer.device)
         self.offsets, offset = {}, 0
         self.waiting = [0] * self.buckets  # per bucket: parameters (pieces) it still waits for
         for p in self.params:
@@ -266,11 +311,19 @@ class BucketedShard(FlatShard):
             self.micro_batch_done()
         return self.grad_shard
 
+    def _write_own(self, a: int, p: torch.Tensor) -> None:
+        mine = self.param_buffer.view(self.buckets, self.axis.size, self.piece)[:, self.axis.rank]
+        i, end = a, a + p.numel()
+        while i < end:  # the tile may span buckets
+            k, o = divmod(i, self.piece)
+            c = min(self.piece - o, end - i)
+            mine[k, o:o + c] = p[i - a:i - a + c]
+            i += c
+
     def publish(self) -> None:
         if not self.params:
             return
         view = self.param_buffer.view(self.buckets, self.axis.size, self.piece)
-        view[:, self.axis.rank] = self.master.view(self.buckets, self.piece).to(self.dtype)
         for k in range(self.buckets):
             comm.all_gather_into(view[k].reshape(-1), view[k, self.axis.rank], self.axis)
 
@@ -279,7 +332,7 @@ class BucketedShard(FlatShard):
 
     def load_per_param_states(self, states: dict[str, list[torch.Tensor]]) -> None:
         for state in self.STATES:
-            getattr(self, state).copy_(self.own(self._flat(states[state], torch.float32)))
+            self._set_state(state, self.own(self._flat(states[state], torch.float32)))
 
     def gradients(self) -> list[torch.Tensor]:
         """The accumulated gradient of every parameter, summed over the axis (tests, debugging)."""
@@ -300,22 +353,34 @@ class ParameterShard(BucketedShard):
     it. The backward reduce-scatters the unit's gradient as ZeRO-2 does a bucket, then frees the
     parameters. The step updates ``param_shard`` only: no all-gather after it."""
 
-    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis):
-        super().__init__(params, axis, tp, bucket_size=1 << 62)
-        self.shards = axis.size > 1 and bool(params)  # an axis of size 1: always whole, nothing to gather
-        own = self.own(self.param_buffer)  # one bucket: this rank's contiguous slice (a view)
-        self.param_shard = own.clone() if self.shards else own
-        if self.dtype == torch.float32:
-            self.master = self.param_shard  # fp32 parameters are the master weights
-        self.whole = True
-        self.pending = None
+    def __init__(self, params: list[nn.Parameter], axis: Axis, tp: Axis, offload: Offload | None = None):
+        super().__init__(params, axis, tp, 1 << 62, offload)
+        self.whole, self.pending, self._source = True, None, None
         self.free()
+
+    def _own_state(self) -> None:
+        self.shards = self.axis.size > 1 and bool(self.params)  # an axis of size 1: always whole, never gathered
+        own = self.own(self.param_buffer)  # one bucket: this rank's contiguous slice (a view)
+        on_disk = self.offload.kind == "disk" and self.shards  # the gather reads the master from the file
+        self.param_shard = None if on_disk else own.clone() if self.shards else own
+        super()._own_state()
+
+    def _master_alias(self) -> torch.Tensor | None:
+        if self.dtype == torch.float32 and self.offload.kind == "none":
+            return self.param_shard  # fp32 parameters are the master weights
+        return None
+
+    def _write_own(self, a: int, p: torch.Tensor) -> None:
+        if self.param_shard is not None and self._alias is None:
+            self.param_shard[a:a + p.numel()] = p
 
     def gather(self, wait: bool = True, phase: str | None = None) -> None:
         if not self.shards or self.whole:
             return
         self.param_buffer.untyped_storage().resize_(self.padded * self.param_buffer.element_size())
-        self.pending = comm.all_gather_into_async(self.param_buffer, self.param_shard, self.axis, phase)
+        source = self.param_shard if self.param_shard is not None else self.states.get("master").to(self.dtype)
+        self._source = source  # alive until the gather completes
+        self.pending = comm.all_gather_into_async(self.param_buffer, source, self.axis, phase)
         self.whole = True
         if wait:
             self.ready()
@@ -324,7 +389,7 @@ class ParameterShard(BucketedShard):
         """Complete a background gather (if one is running)."""
         if self.pending is not None:
             self.pending.wait()
-            self.pending = None
+            self.pending, self._source = None, None
 
     def free(self) -> None:
         if self.shards and self.whole:
@@ -337,14 +402,16 @@ class ParameterShard(BucketedShard):
         self.free()  # the unit's backward is over: its gradient has all arrived
 
     def publish(self) -> None:
-        """The updated master into this rank's shard; the next gather spreads it."""
-        if self.param_shard is not self.master:
-            self.param_shard.copy_(self.master)
+        """Nothing: the step wrote this rank's shard; the next gather spreads it."""
 
     def keep_loaded(self) -> None:
-        """After parameters were written into the gathered buffer (a checkpoint load): keep this
-        rank's slice of them as its shard."""
-        self.param_shard.copy_(self.own(self.param_buffer))
+        """After parameters were written into the gathered buffer (a checkpoint load, an
+        initialisation): keep this rank's slice of them as its shard and master weights."""
+        loaded = self.own(self.param_buffer)
+        if self.param_shard is not None:
+            self.param_shard.copy_(loaded)
+        if self._alias is None and self.shard:
+            self._set_state("master", loaded.float())
 
 
 class Stage3:
@@ -359,13 +426,13 @@ class Stage3:
     gradients have been reduce-scattered. Every rank runs the same graph, so the collectives are
     issued in the same order on all of them."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], topology: Topology):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], topology: Topology, offload: Offload):
         tp = topology.axis("tp")
         wanted = {id(p) for p in params}
 
         def units(ps):
             ps = [p for p in ps if id(p) in wanted]
-            return [ParameterShard([p for p in ps if replica_axis(p) == axis], topology.axis(axis), tp)
+            return [ParameterShard([p for p in ps if replica_axis(p) == axis], topology.axis(axis), tp, offload)
                     for axis in ("dsp", "edp")]
 
         blocks = list(getattr(model, "blocks", []))
@@ -443,21 +510,30 @@ class ZeroAdamW:
         self.config, self.topology = config, topology
         params = [p for p in model.parameters() if p.requires_grad]
         tp = topology.axis("tp")
+        directory = OffloadDirectory(config.offload_path, topology.rank) if config.offload == "disk" else None
+        self.offload = Offload(config.offload, directory, f"rank{topology.rank}")
         # one group per replica axis: non-expert parameters over dsp, then experts over edp
         self.stage3 = None
         if config.zero_stage == 3:
-            self.stage3 = Stage3(model, params, topology)
+            self.stage3 = Stage3(model, params, topology, self.offload)
             self.groups = self.stage3.units
         elif config.zero_stage == 2:
             self.groups = [BucketedShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp,
-                                         config.reduce_bucket_size) for axis in ("dsp", "edp")]
+                                         config.reduce_bucket_size, self.offload) for axis in ("dsp", "edp")]
         else:
-            self.groups = [FlatShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp)
-                           for axis in ("dsp", "edp")]
+            self.groups = [FlatShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp,
+                                     self.offload) for axis in ("dsp", "edp")]
         self.loss_scale = config.initial_loss_scale if config.precision == "fp16" else 1.0
         self.good_steps = 0
         self.step_count = 0
         self.bad_in_a_row = 0
+
+    def close(self) -> None:
+        """Release what offloading holds (its files and their directory); idempotent."""
+        for states in self.offload.made:
+            states.close()
+        if self.offload.directory is not None:
+            self.offload.directory.close()
 
     def lr_at(self, step: int) -> float:
         """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""

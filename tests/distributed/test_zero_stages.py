@@ -127,3 +127,29 @@ def test_stage3_gathers_per_block_and_keeps_only_shards(world4):
         assert ledger["bwd"][f"all_gather/{axis}"]["calls"] == mb * per_block
         assert ledger["bwd"][f"reduce_scatter/{axis}"]["calls"] == mb * sum(units[axis])
     assert not any(k.startswith("all_gather") for k in ledger["step"])  # the step updates shards only
+
+
+OFFLOADED = [(2, 2, 1, 3, "disk"), (1, 2, 2, 2, "disk"), (1, 4, 1, 3, "cpu")]  # (tp, ep, sp, stage, offload)
+
+
+def check_offloaded(path):
+    out = {}
+    for tp, ep, sp, stage, offload in OFFLOADED:
+        topo = Topology(4, tp=tp, ep=ep, sp=sp)
+        kw = {"offload": offload, "offload_path": path if offload == "disk" else None}
+        engine = te.build(topo, stage2(stage, **kw), model_cfg=model_config(4, sp > 1))
+        result = te.train_and_gather(engine, lambda step: te.rank_batches(step, topo), te.STEPS, te.MICRO_BATCHES)
+        engine.optimizer.close()
+        out[(tp, ep, sp, stage, offload)] = result if torch.distributed.get_rank() == 0 else None
+    return out
+
+
+def test_offloaded_states_match_single_process(world4, tmp_path):
+    results = world4.run(check_offloaded, str(tmp_path))[0]
+    references = {}
+    for (tp, ep, sp, stage, offload), result in results.items():
+        if (sp > 1) not in references:
+            references[sp > 1] = te.run(Topology.single(), te.train_config(), model_cfg=model_config(4, sp > 1))
+        assert_matches_reference(f"ZeRO-{stage} offload={offload} tp={tp} ep={ep} sp={sp}", result,
+                                 references[sp > 1])
+    assert not list(tmp_path.iterdir())  # every rank removed its files

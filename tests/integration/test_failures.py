@@ -147,3 +147,21 @@ def test_ctrl_c_saves_says_what_it_kept_and_resumes(env, tmp_path, uninterrupted
     if nproc == 4:
         assert losses(run) == uninterrupted
     assert leftover_ranks() == []
+
+
+def test_crash_then_resume_with_zero3_and_disk_offload(env, tmp_path, uninterrupted):
+    """ZeRO-3 with the optimizer states and parameter shards in files: the same losses as the
+    uninterrupted ZeRO-1 run, a rank killed at step 5 and ``--resume`` continues exactly; a run that
+    ends removes its files (a killed rank cannot: its directory stays, named for its rank)."""
+    offload = tmp_path / "nvme"
+    offload.mkdir()
+    sets = ["--set", "train.zero_stage=3", "--set", "train.offload=disk", "--set", f"train.offload_path={offload}"]
+    run = tmp_path / "r"
+    res, _ = tedmoe(env, "train", *TINY4, *sets, "--out", str(run), fault="kill@2:5")
+    assert res.returncode != 0 and "rank 2 was killed" in res.stderr
+    left = {p.name.split("-")[2] for p in offload.iterdir()}
+    assert left <= {f"rank{r}" for r in range(4)}
+    res, _ = tedmoe(env, "train", *TINY4, *sets, "--out", str(run), "--resume")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert losses(run) == pytest.approx(uninterrupted, rel=1e-5)
+    assert {p.name.split("-")[2] for p in offload.iterdir()} == left  # the resumed run cleaned up after itself

@@ -89,6 +89,13 @@ BAD = [  # (overrides, nproc, message): layout and model mistakes
     (["model.num_layers=4", "model.random_ltd.layers=[1]", "model.random_ltd.start=64"], 1,
      "model.random_ltd.start=64 is above seq_len=32"),
     (["train.zero_stage=4"], 1, "train.zero_stage=4 is not allowed: it must be an integer in [1, 3]"),
+    (["train.offload=disk"], 1, "train.offload='disk' needs train.offload_path: a writable directory on a fast disk"),
+    (["train.offload=nvme"], 1, "train.offload='nvme' is not allowed: it must be one of 'none', 'cpu', 'disk'"),
+    (["train.offload_path=/tmp"], 1, "train.offload_path is set but train.offload='none' does not use it; set "
+     "train.offload='disk' or remove offload_path"),
+    (["train.offload=disk", "train.offload_path=/no/such/dir"], 1,
+     "train.offload_path='/no/such/dir' is not a directory; create it (on a fast disk) or point offload_path at one"),
+    (["train.offload=disk", "train.offload_path=/proc"], 1, "train.offload_path='/proc' is not writable"),
     (["compress.distill_weight=0"], 1, "compress.distill_weight=0 is not allowed: it must be a finite number in (0, 1]"),
 ]
 
@@ -391,3 +398,16 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     assert (root / "latest").read_text() == "step_0000003"
     assert ckpt.latest_checkpoint(root).name == "step_0000003"
     assert ckpt.read_meta(root / "step_0000003")["step"] == 3
+
+
+def test_offload_path_without_room(capsys, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, (1 << 30) - (1 << 16), 1 << 16))
+    code, err = run(capsys, "--out", tmp_path / "r", *sets("train.offload=disk", f"train.offload_path={tmp_path}"))
+    _one_line(code, err, f"train.offload_path='{tmp_path}' has 0 MiB free but the offloaded optimizer states need "
+              "about")
+    assert "free space there or choose a larger disk" in err[0]
+    assert not (tmp_path / "r").exists() and list(tmp_path.iterdir()) == []

@@ -137,6 +137,8 @@ def test_parameter_counts():
     ({"grad_clip": 0.0}, "train.grad_clip=0.0 is not allowed: it must be a finite number > 0"),
     ({"warmup_steps": 20, "max_steps": 10}, "warmup_steps=20 must be between 0 and max_steps=10"),
     ({"zero_stage": 4}, r"train.zero_stage=4 is not allowed: it must be an integer in \[1, 3\]"),
+    ({"offload": "disk", "offload_path": "/tmp", "tile_size": None},
+     "train.offload='disk' streams the optimizer step tile by tile; set train.tile_size"),
     ({"reduce_bucket_size": 0}, "train.reduce_bucket_size=0 is not allowed: it must be an integer >= 1"),
 ])
 def test_bad_train_config(change, message):
