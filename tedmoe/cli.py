@@ -159,8 +159,11 @@ def _parser() -> argparse.ArgumentParser:
     pn.add_argument("--seq-len", type=POSITIVE_INT, default=2048)
     pn.add_argument("--memory-gib", type=POSITIVE, help="memory cap per device (default: the hardware's)")
     pn.add_argument("--checkpointing", choices=typing.get_args(field_hints(TrainConfig)["checkpointing"]), default="cac")
-    pn.add_argument("--zero-stage", type=int, choices=(1, 2), default=1, help="1: optimizer states sharded; 2: "
-                    "gradients too (default: %(default)s)")
+    pn.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=1, help="1: optimizer states sharded; 2: "
+                    "gradients too; 3: parameters too, gathered per block while used (default: %(default)s)")
+    pn.add_argument("--offload", choices=typing.get_args(field_hints(TrainConfig)["offload"]), default="none",
+                    help="where the optimizer states live: on the device (none), in host memory (cpu) or in files "
+                    "on the node's disk (disk; at ZeRO-3 the parameter shards too) (default: %(default)s)")
     pn.add_argument("--no-dtd", action="store_true", help="predict without duplicate token dropping")
     pn.add_argument("--tp", type=POSITIVE_INT, help="evaluate only this tensor-parallel degree")
     pn.add_argument("--ep", type=POSITIVE_INT, help="evaluate only this expert-parallel degree")
@@ -393,7 +396,7 @@ def _plan(args) -> int:
         dims = ParallelDims(args.gpus, tp, ep)
         model.validate(tp, ep)
         check_batch(args.global_batch, args.micro_batch, dims.dp, ("--global-batch", "--micro-batch"))
-    train = dataclasses.replace(paper_train(args.checkpointing), zero_stage=args.zero_stage)
+    train = dataclasses.replace(paper_train(args.checkpointing), zero_stage=args.zero_stage, offload=args.offload)
     kw = {"micro_batch": args.micro_batch, "seq_len": args.seq_len, "train": train,
           "memory_cap": args.memory_gib * GiB if args.memory_gib else None, "dtd": not args.no_dtd}
     cands = [c for c in layouts(model, args.gpus, hw, args.global_batch, **kw,
@@ -408,12 +411,21 @@ def _plan(args) -> int:
     else:
         print(f"{args.model} ({model.moe.num_experts} experts) on {args.gpus} x {hw.name}, global batch "
               f"{args.global_batch} x {args.seq_len} tokens, checkpointing {args.checkpointing}, "
-              f"ZeRO-{args.zero_stage}, DTD {'off' if args.no_dtd else 'on'}")
+              f"ZeRO-{args.zero_stage}, offload {args.offload}, DTD {'off' if args.no_dtd else 'on'}")
         print(table(cands))
+    device = f"{(kw['memory_cap'] or hw.memory_bytes) / GiB:.1f} GiB per device"
+    offloaded = ""
+    if args.offload != "none":  # what fits is checked against the GPU's share of its node's host memory or disk
+        where = {"cpu": ("host", "host memory", hw.host_memory_bytes), "disk": ("disk", "disk", hw.disk_bytes)}
+        key, place, node = where[args.offload]
+        offloaded = (f" and {node / hw.gpus_per_node / GiB:.1f} GiB of {place} (its share of the node's)" if node
+                     else f" ({place}: not stated by the hardware, not checked)")
+        if not args.json:
+            print(f"dev GiB: on the device; {key} GiB: offloaded to {place}; a layout fits within {device}{offloaded}")
     if not any(c.fits for c in cands):
         smallest = smallest_cluster(model, hw, args.global_batch, **kw)
         layers = largest_layers(model, args.gpus, hw, args.global_batch, **kw)
-        raise ValueError(f"no layout fits in {(kw['memory_cap'] or hw.memory_bytes) / GiB:.1f} GiB per device; "
+        raise ValueError(f"no layout fits in {device}{offloaded}; "
                          + (f"the smallest cluster that fits is {smallest} GPUs" if smallest else "no cluster fits")
                          + (f"; on {args.gpus} GPUs at most {layers} layers fit" if layers else ""))
     return 0

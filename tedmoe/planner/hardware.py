@@ -37,15 +37,35 @@ class Hardware:
     """Seconds per message step between nodes."""
     efficiency: Annotated[float, Range(gt=0, le=1)] = 0.4
     """Fraction of peak the model's GEMMs reach."""
+    host_memory_bytes: PosFloat | None = None
+    """Host (CPU) memory per node, shared by its GPUs' offloaded optimizer states
+    (``train.offload="cpu"``); unset: not checked."""
+    disk_bytes: PosFloat | None = None
+    """Node-local disk (NVMe) per node, shared by its GPUs' offload files (``train.offload="disk"``);
+    unset: not checked."""
 
 
-GB = 1e9
-PRESETS = {
-    "summit": Hardware("Summit (6x V100-16GB per node)", 6, 125e12, 16 * 2**30, 50 * GB, 25 * GB),
-    "perlmutter": Hardware("Perlmutter (4x A100-40GB per node)", 4, 312e12, 40 * 2**30, 600 * GB, 100 * GB),
-    "dgx-a100": Hardware("DGX-A100 (8x A100-80GB per node)", 8, 312e12, 80 * 2**30, 600 * GB, 200 * GB),
-    "dgx-h100": Hardware("DGX-H100 (8x H100-80GB per node)", 8, 989e12, 80 * 2**30, 900 * GB, 400 * GB),
+GB, GiB = 1e9, 2**30
+PRESETS = {  # host memory and node-local NVMe as the machines' published node specifications give them
+    "summit": Hardware("Summit (6x V100-16GB per node)", 6, 125e12, 16 * GiB, 50 * GB, 25 * GB,
+                       host_memory_bytes=512 * GiB, disk_bytes=1600 * GB),
+    "perlmutter": Hardware("Perlmutter (4x A100-40GB per node)", 4, 312e12, 40 * GiB, 600 * GB, 100 * GB,
+                           host_memory_bytes=256 * GiB),  # no node-local disk
+    "dgx-a100": Hardware("DGX-A100 (8x A100-80GB per node)", 8, 312e12, 80 * GiB, 600 * GB, 200 * GB,
+                         host_memory_bytes=2048 * GiB, disk_bytes=8 * 3840 * GB),
+    "dgx-h100": Hardware("DGX-H100 (8x H100-80GB per node)", 8, 989e12, 80 * GiB, 900 * GB, 400 * GB,
+                         host_memory_bytes=2048 * GiB, disk_bytes=8 * 3840 * GB),
 }
+
+
+def fits(mem: dict, hw: Hardware, device_cap: float | None = None) -> bool:
+    """Whether a ``predict.memory`` result fits one GPU of ``hw``: the device total within
+    ``device_cap`` (default the GPU's memory), offloaded bytes within the GPU's share of the node's
+    host memory and disk (where the hardware states them)."""
+    per_gpu = lambda node: None if node is None else node / hw.gpus_per_node  # noqa: E731
+    limits = {"total": hw.memory_bytes if device_cap is None else device_cap,
+              "host": per_gpu(hw.host_memory_bytes), "disk": per_gpu(hw.disk_bytes)}
+    return all(cap is None or mem.get(key, 0.0) <= cap for key, cap in limits.items())
 
 
 def load_hardware(name_or_path: str) -> Hardware:

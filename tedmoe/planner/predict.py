@@ -1,13 +1,13 @@
 """Predicted communication, memory and step time of one training step, per device.
 
 Communication is derived from the same steps the code's docstrings state (the TP layers, the
-MoE dispatcher's ``capacity_comm``, the engine's metrics all-reduce and the ZeRO-1 step), so at
-small scale it equals the ``CommLedger`` measurement exactly (tests/distributed/test_planner.py).
+MoE dispatcher's ``capacity_comm``, the engine's metrics all-reduce and the ZeRO stages in
+``zero.py``), so at small scale it equals the ``CommLedger`` measurement exactly
+(tests/distributed/test_planner.py).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from tedmoe.config import ModelConfig, TrainConfig
@@ -16,8 +16,7 @@ from tedmoe.parallel.ledger import add as _add
 from tedmoe.parallel.ledger import merge as _merge
 from tedmoe.parallel.topology import ParallelDims, axis_groups
 from tedmoe.planner.hardware import Hardware
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from tedmoe.planner.zero import DTYPE_BYTES, model_states, stage3_comm, stage12_comm, state_coefficients
 
 
 @dataclass
@@ -101,34 +100,30 @@ def step_comm(plan: Plan, dtd: bool | None = None) -> dict:
     out: dict = {}
     _merge(out, micro, plan.micro_batches)
     _add(out, "metrics", "all_reduce", "dp", d.dp, 4 if n_moe else 2, 4)
-    counts = param_counts(m, t, d.ep)
-    for key, axis in (("non_expert", "dp"), ("expert", "edp")):  # "dsp" is named "dp" without SP
-        n = d.size(axis)
-        if counts[key] and n > 1 and plan.train.zero_stage == 2:  # buckets, reduce-scattered every micro-batch
-            bucket = max(n, math.ceil(min(plan.train.reduce_bucket_size, counts[key]) / n) * n)
-            buckets = math.ceil(counts[key] / bucket)
-            _add(out, "bwd", "reduce_scatter", axis, n, bucket, item, calls=buckets * plan.micro_batches)
-            _add(out, "step", "all_gather", axis, n, bucket // n, item, calls=buckets)
-        elif counts[key] and n > 1:
-            shard = math.ceil(counts[key] / n)
-            _add(out, "step", "reduce_scatter", axis, n, shard * n, item)
-            _add(out, "step", "all_gather", axis, n, shard, item)
+    if plan.train.zero_stage == 3:
+        stage3_comm(out, m, d, item, plan.micro_batches)
+    else:
+        stage12_comm(out, param_counts(m, t, d.ep), d, plan.train, item, plan.micro_batches)
     _add(out, "step", "all_reduce", "world", d.world_size, 1, 4)
     return out
 
 
 def memory(plan: Plan) -> dict[str, float]:
-    """Bytes per device: parameters, gradients, optimizer states (ZeRO-1), activations, the CAC
-    stash, and the optimizer-step spike (``tile_size`` elements at about 12 bytes each, the
-    constant ``benchmarks/optimizer_memory.py`` measures). ZeRO-2 (``train.zero_stage=2``): the
-    gradients are this rank's fp32 shard plus at most two open buckets in the model dtype."""
+    """Bytes per device: parameters, gradients and optimizer states (``zero.model_states``:
+    the ZeRO stage and offload), activations, the CAC stash, and the optimizer-step spike
+    (``tile_size`` elements at about 12 bytes each, the constant ``benchmarks/optimizer_memory.py``
+    measures). ``total`` is the device memory; ``host`` (``train.offload="cpu"``) and ``disk``
+    (``"disk"``) are the bytes offload moved off the device, per rank. On a CPU-only machine the
+    host and the device are the same memory, so there ``total + host`` is what a rank needs.
+
+    ZeRO-2: the gradients are this rank's fp32 shard plus at most two open buckets in the model
+    dtype. ZeRO-3: the parameters are this rank's shards plus the root units and the two largest
+    consecutive blocks whole (the current block and the prefetched next one); the gradients the
+    fp32 shard plus, in the model dtype, the root's gradient (staged for the whole backward: the
+    embedding's comes last) and the largest block's (staged while its backward runs)."""
     m, d = plan.model, plan.dims
     item = DTYPE_BYTES[plan.train.precision]
-    counts = param_counts(m, d.tp, d.ep)
-    ne = math.ceil(counts["non_expert"] / d.dp) * d.dp
-    ex = math.ceil(counts["expert"] / d.edp) * d.edp if counts["expert"] else 0
-    state_bytes = 8 if plan.train.precision == "fp32" else 12  # fp32: the parameters are the master weights
-    optimizer = state_bytes * (ne / d.dp + (ex / d.edp if ex else 0))
+    states = model_states(m, d, plan.train, param_counts(m, d.tp, d.ep))
     sbh = plan.micro_batch * plan.seq_len * m.hidden_size
     k_cf = m.moe.top_k * m.moe.capacity_factor
     n_moe = sum(m.is_moe_layer(i) for i in range(m.num_layers))
@@ -145,14 +140,10 @@ def memory(plan: Plan) -> dict[str, float]:
         if plan.train.checkpointing == "cac":  # outputs of each block's collectives
             comm_out = sbh * item * (2 + (m.num_layers - n_moe > 0))
             stash = m.num_layers * comm_out + n_moe * 4 * sbh * k_cf * item
-    shard = max(ne / d.dp, ex / d.edp if ex else 0)
-    spike = 12 * min(plan.train.tile_size or shard, shard)
-    grads = (ne + ex) * item
-    if plan.train.zero_stage == 2:
-        grads = 4 * (ne / d.dp + (ex / d.edp if ex else 0)) + 2 * min(plan.train.reduce_bucket_size, ne + ex) * item
-    out = {"parameters": (ne + ex) * item, "gradients": grads, "optimizer": optimizer,
-           "activations": activations, "cac_stash": stash, "optimizer_spike": spike}
+    out = {key: states[key] for key in ("parameters", "gradients", "optimizer")}
+    out.update(activations=activations, cac_stash=stash, optimizer_spike=states["optimizer_spike"])
     out["total"] = sum(out.values())
+    out.update(host=states["host"], disk=states["disk"])
     return out
 
 
@@ -162,16 +153,24 @@ def eq5_lower_bound(np_base: float, num_experts: int, tp: int, world_size: int) 
 
 
 def model_state_bytes(n_non_expert: float, n_expert: float, tp: int, ep: int, world_size: int,
-                      stage: int = 1) -> float:
-    """16-bit parameters and gradients (4 bytes) plus ZeRO-1 fp32 master weights and Adam moments
-    (12 bytes over every rank): ``4 N_ne / t + 4 N_e / (t ep) + 12 (N_ne + N_e) / G``. With
-    ``N_ne = 2/3 NP_base`` and ``N_e = E/3 NP_base`` (MLPs are 2/3 of a block and every other
-    block is MoE) and one expert per EP rank (``ep = E``) this is exactly Eq. 5. Stage 2: the
-    16-bit parameters stay whole, the gradients join the sharded states as an fp32 shard
-    (``2 N / t.. + 16 N / G``; DeepSpeed's ``2 + 14 / N`` keeps 16-bit gradient shards)."""
-    if stage == 2:
-        return 2 * n_non_expert / tp + 2 * n_expert / (tp * ep) + 16 * (n_non_expert + n_expert) / world_size
-    return 4 * n_non_expert / tp + 4 * n_expert / (tp * ep) + 12 * (n_non_expert + n_expert) / world_size
+                      stage: int = 1, offload: str = "none", where: str = "device") -> float:
+    """Model-state bytes per rank in ``where`` (``device``, ``host`` or ``disk``), 16-bit training.
+
+    ZeRO-1: 16-bit parameters and gradients (4 bytes) whole on each rank of a tp (x ep) group,
+    fp32 master weights and Adam moments (12 bytes) over every rank:
+    ``4 N_ne / t + 4 N_e / (t ep) + 12 (N_ne + N_e) / G``. With ``N_ne = 2/3 NP_base`` and
+    ``N_e = E/3 NP_base`` (MLPs are 2/3 of a block and every other block is MoE) and one expert
+    per EP rank (``ep = E``) this is exactly Eq. 5. Stage 2: the 16-bit parameters stay whole,
+    the gradients join the sharded states as an fp32 shard (``2 N / t.. + 16 N / G``; DeepSpeed's
+    ``2 + 14 / N`` keeps 16-bit gradient shards). Stage 3: everything sharded over all ranks,
+    experts over ``edp`` (``t ep edp = G``): ``18 (N_ne + N_e) / G`` (2-byte parameter shard,
+    fp32 gradient shard, 12; ZeRO-3's ``16 Psi / N`` keeps 16-bit gradient shards). The working
+    set stage 3 adds (units gathered whole while used) is not a model state: ``memory`` counts it.
+    Offload moves the 12 bytes of optimizer states to ``host`` (``cpu``) or ``disk``; at stage 3
+    with ``disk`` the device keeps no parameter shard either: the fp32 master in the file is its
+    only copy (see ``zero.state_coefficients``)."""
+    a, c = state_coefficients(stage, offload)[where]
+    return a * n_non_expert / tp + a * n_expert / (tp * ep) + c * (n_non_expert + n_expert) / world_size
 
 
 def crosses_nodes(plan: Plan, axis: str, gpus_per_node: int) -> bool:

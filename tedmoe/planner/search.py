@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tedmoe.config import ModelConfig, MoEConfig, TrainConfig, check_batch
 from tedmoe.parallel.topology import ParallelDims
-from tedmoe.planner.hardware import Hardware
+from tedmoe.planner.hardware import Hardware, fits
 from tedmoe.planner.predict import Plan, memory, step_time
 
 GiB = 2**30
@@ -51,9 +51,11 @@ def layouts(model: ModelConfig, gpus: int, hw: Hardware, global_batch: int, micr
             train: TrainConfig | None = None, memory_cap: float | None = None, dtd: bool = True,
             max_tp: int | None = None) -> list[Candidate]:
     """Every valid (tp, ep) for ``gpus`` devices (tp up to ``max_tp``, default one node), predicted;
-    fitting layouts first, fastest first. ``train`` defaults to ``paper_train()``."""
+    fitting layouts first, fastest first. ``train`` defaults to ``paper_train()``; its ZeRO stage
+    and offload decide the memory. A layout fits when its device memory is within ``memory_cap``
+    (default the GPU's) and what it offloads within the GPU's share of the node's host memory or
+    disk (``hardware.fits``)."""
     train = train or paper_train()
-    cap = hw.memory_bytes if memory_cap is None else memory_cap
     out = []
     for tp in _divisors(gpus):
         if tp > (max_tp or hw.gpus_per_node):
@@ -69,7 +71,7 @@ def layouts(model: ModelConfig, gpus: int, hw: Hardware, global_batch: int, micr
                         micro_batch, seq_len, micro_batches, train)
             mem = memory(plan)
             out.append(Candidate(tp, ep, dims.dp, dims.edp, plan.micro_batches, mem, step_time(plan, hw),
-                                 mem["total"] <= cap))
+                                 fits(mem, hw, memory_cap)))
     out.sort(key=lambda c: (not c.fits, c.time["total"]))
     return out
 
@@ -86,21 +88,37 @@ def smallest_cluster(model: ModelConfig, hw: Hardware, global_batch: int, **kw) 
 
 
 def largest_layers(model: ModelConfig, gpus: int, hw: Hardware, global_batch: int, **kw) -> int:
-    """The most transformer blocks (same width) that fit on ``gpus`` devices (0 if none)."""
-    best = 0
-    for layers in range(2, 4 * model.num_layers + 1, 2):
-        if any(c.fits for c in layouts(dataclasses.replace(model, num_layers=layers), gpus, hw, global_batch, **kw)):
-            best = layers
-        else:
-            break
-    return best
+    """The most transformer blocks (same width, an even number) that fit on ``gpus`` devices with
+    the ``layouts`` settings in ``kw`` (the ZeRO stage and offload of ``train`` included); 0 if
+    none, at most 65536. Memory grows with the depth, so: doubling, then bisection."""
+
+    def ok(layers: int) -> bool:
+        deeper = dataclasses.replace(model, num_layers=layers)
+        return any(c.fits for c in layouts(deeper, gpus, hw, global_batch, **kw))
+
+    if not ok(2):
+        return 0
+    lo, hi = 2, 4  # ok(lo), and hi is the next to try
+    while hi <= 65536 and ok(hi):
+        lo, hi = hi, 2 * hi
+    hi = min(hi, 65538)  # not ok (or past the limit)
+    while hi - lo > 2:
+        mid = (lo + hi) // 4 * 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def table(cands: list[Candidate], limit: int = 12) -> str:
-    head = f"{'tp':>3} {'ep':>3} {'dp':>4} {'edp':>4} {'mem GiB':>8} {'fits':>5} {'step s':>8} {'compute':>8} {'comm':>8}"
+    """The first ``limit`` candidates, one line each; memory per GPU on the device, and in host
+    memory and on disk when something is offloaded there."""
+    places = [("total", "dev GiB")] + [(k, f"{k} GiB") for k in ("host", "disk")
+                                       if any(c.memory.get(k) for c in cands)]
+    mem_head = " ".join(f"{label:>8}" for _, label in places)
+    head = f"{'tp':>3} {'ep':>3} {'dp':>4} {'edp':>4} {mem_head} {'fits':>5} {'step s':>8} {'compute':>8} {'comm':>8}"
     rows = [head, "-" * len(head)]
     for c in cands[:limit]:
         comm_s = c.time["total"] - c.time["compute"]
-        rows.append(f"{c.tp:>3} {c.ep:>3} {c.dp:>4} {c.edp:>4} {c.memory['total'] / GiB:>8.1f} "
+        mem = " ".join(f"{c.memory.get(k, 0.0) / GiB:>8.1f}" for k, _ in places)
+        rows.append(f"{c.tp:>3} {c.ep:>3} {c.dp:>4} {c.edp:>4} {mem} "
                     f"{'yes' if c.fits else 'no':>5} {c.time['total']:>8.3f} {c.time['compute']:>8.3f} {comm_s:>8.3f}")
     return "\n".join(rows)

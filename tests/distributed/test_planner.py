@@ -13,9 +13,11 @@ from tedmoe.planner.predict import Plan, step_comm
 from tedmoe.runtime.engine import Engine
 
 CASES = {4: [(2, 2, True, "none"), (2, 2, False, "plain"), (1, 4, True, "cac"), (4, 1, True, "plain"),
-             (4, 1, False, "none"), (2, 2, True, "none", 2), (1, 4, False, "cac", 2)],
+             (4, 1, False, "none"), (2, 2, True, "none", 2), (1, 4, False, "cac", 2), (2, 2, True, "none", 3),
+             (1, 4, False, "cac", 3), (1, 2, True, "plain", 3)],
          8: [(2, 2, True, "cac"), (2, 4, False, "none"), (4, 2, True, "plain"), (8, 1, True, "none"),
-             (2, 2, True, "plain", 2)]}  # (tp, ep, dtd, checkpointing[, ZeRO stage])
+             (2, 2, True, "plain", 2), (2, 2, True, "plain", 3), (1, 2, False, "cac", 3)]}
+# (tp, ep, dtd, checkpointing[, ZeRO stage]); ZeRO-3 with experts whole (edp 1) and sharded (edp 2, 4)
 MICRO, SEQ, ACCUM = 2, 16, 2
 
 
@@ -56,3 +58,6 @@ def test_predicted_bytes_equal_measured(world, request):
                     for key in measured.get(phase, {}).keys() | predicted.get(phase, {}).keys()
                     if measured.get(phase, {}).get(key) != predicted.get(phase, {}).get(key)}
             assert not diff, (case, "(measured, predicted):", diff)
+            if case[4:] == (3,):  # ZeRO-3 was really on: per-unit gathers, and none in the step
+                assert measured["fwd"]["all_gather/dp"]["calls"] and "all_gather/dp" in measured["bwd"], case
+                assert not any(k.startswith("all_gather") for k in measured["step"]), case

@@ -136,3 +136,143 @@ def test_param_counts_agree_with_the_model_for_pyramids_residuals_and_qk_norms()
         assert (counts["total"], counts["expert_total"]) == (real["total"], real["expert"]), activation
         per_expert = 32 * 24 * (3 if activation == "swiglu" else 2)
         assert real["active_per_token"] == real["non_expert"] + 4 * 2 * per_expert  # top-2 in each of 4 layers
+
+
+def _odd_model():
+    from tedmoe.config import ModelConfig, MoEConfig
+
+    return ModelConfig(vocab_size=96, hidden_size=32, num_layers=4, num_heads=4, head_dim=12, qk_norm=True,
+                       moe_every=1, expert_counts=(2, 2, 4, 8),
+                       moe=MoEConfig(ffn_hidden_size=24, num_experts=4, top_k=2, residual=True, activation="swiglu"))
+
+
+ZERO3_MODELS = {"paper 1.3b": lambda: paper_model("1.3b", 8), "pyramid, residual, qk norms, swiglu": _odd_model}
+
+
+@pytest.mark.parametrize("name", list(ZERO3_MODELS))
+def test_zero3_units_are_the_models_blocks(name):
+    from tedmoe.model.transformer import GPTMoE
+    from tedmoe.parallel.sharding import is_expert
+    from tedmoe.parallel.topology import Topology
+    from tedmoe.planner.zero import units
+
+    cfg = ZERO3_MODELS[name]()
+    model = GPTMoE(cfg, Topology.single(), device="meta")
+
+    def split(params):
+        params = list(params)
+        return {"dp": sum(p.numel() for p in params if not is_expert(p)),
+                "edp": sum(p.numel() for p in params if is_expert(p))}
+
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    real = [split(p for p in model.parameters() if id(p) not in in_blocks)] + [split(b.parameters()) for b in model.blocks]
+    assert units(cfg) == real
+    for tp, ep in ((2, 2), (4, 1), (1, 2)):  # the per-rank splits add up to param_counts' (the ledger test holds them)
+        try:
+            cfg.validate(tp, ep)
+        except ValueError:
+            continue
+        counts, per_rank = param_counts(cfg, tp, ep), units(cfg, tp, ep)
+        assert sum(u["dp"] for u in per_rank) == counts["non_expert"], (tp, ep)
+        assert sum(u["edp"] for u in per_rank) == counts["expert"], (tp, ep)
+
+
+def _zero(stage, offload="none", precision="fp16"):
+    return dataclasses.replace(paper_train("none"), zero_stage=stage, offload=offload, precision=precision,
+                               offload_path="/nvme" if offload == "disk" else None)
+
+
+def test_zero3_memory_keeps_shards_the_root_and_two_blocks():
+    from tedmoe.planner.zero import units
+
+    model = paper_model("6.7b", 16)
+    plan = lambda train: Plan(model, 128, 4, 8, micro_batch=1, seq_len=2048, train=train)  # noqa: E731
+    d = plan(_zero(3)).dims
+    assert (d.dp, d.edp) == (32, 4)
+    us = units(model, 4, 8)
+    shard = lambda c, n: -(-c // n)  # noqa: E731
+    owned = sum(shard(u["dp"], d.dp) + shard(u["edp"], d.edp) for u in us)
+    whole = [d.dp * shard(u["dp"], d.dp) + d.edp * shard(u["edp"], d.edp) for u in us]
+    pair = max(whole[i] + whole[i + 1] for i in range(1, len(whole) - 1))
+    three, cpu, disk = memory(plan(_zero(3))), memory(plan(_zero(3, "cpu"))), memory(plan(_zero(3, "disk")))
+    assert three["parameters"] == 2 * (owned + whole[0] + pair)
+    assert three["gradients"] == 4 * owned + 2 * (whole[0] + max(whole[1:]))  # staged: the root's and one block's
+    assert three["optimizer"] == 12 * owned and three["host"] == three["disk"] == 0
+    # the model states alone (no working set) are ZeRO-3's 18 bytes per parameter over all ranks
+    full = param_counts(model)
+    n_ne, n_e = full["total"] - full["expert_total"], full["expert_total"]
+    states = 2 * owned + 4 * owned + three["optimizer"]
+    assert states == pytest.approx(model_state_bytes(n_ne, n_e, 4, 8, 128, stage=3), rel=1e-3)
+    assert three["total"] < memory(plan(_zero(2)))["total"] < memory(plan(_zero(1)))["total"]
+    # cpu: the optimizer states move to host memory, nothing else
+    assert cpu["host"] == three["optimizer"] and cpu["optimizer"] == 0 and cpu["disk"] == 0
+    assert cpu["total"] == pytest.approx(three["total"] - three["optimizer"])
+    assert (cpu["parameters"], cpu["gradients"]) == (three["parameters"], three["gradients"])
+    # disk: the states go to files, the master there is the parameter shards' only copy; the
+    # device keeps 3 states x 3 tiles of the step
+    assert disk["disk"] == three["optimizer"] and disk["host"] == 0
+    assert disk["optimizer"] == 3 * 4 * 3 * (1 << 24)
+    assert disk["parameters"] == 2 * (whole[0] + pair) and disk["gradients"] == three["gradients"]
+    # fp32: the parameter shard is the master weight (Adam's m and v are the states), unless offloaded
+    fp32 = memory(plan(_zero(3, precision="fp32")))
+    assert fp32["optimizer"] == 8 * owned and fp32["parameters"] == 4 * (owned + whole[0] + pair)
+    fp32_cpu = memory(plan(_zero(3, "cpu", precision="fp32")))
+    assert fp32_cpu["host"] == 12 * owned and fp32_cpu["parameters"] == fp32["parameters"]
+
+
+def test_zero3_units_on_an_axis_of_one_are_never_sharded():
+    from tedmoe.planner.zero import units
+
+    model = paper_model("1.3b", 16)
+    plan = Plan(model, 64, 4, 16, micro_batch=1, seq_len=2048, train=_zero(3, "disk"))  # dp 16 = ep: edp 1
+    assert plan.dims.edp == 1
+    mem, us = memory(plan), units(model, 4, 16)
+    experts = sum(u["edp"] for u in us)  # whole on every rank, never gathered, kept on the device
+    whole = [16 * -(-u["dp"] // 16) for u in us]
+    pair = max(whole[i] + whole[i + 1] for i in range(1, len(whole) - 1))
+    assert mem["parameters"] == 2 * (experts + whole[0] + pair)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_offload_moves_model_states_without_losing_any(stage):
+    args = (2 / 3 * 6.7e9, 16 / 3 * 6.7e9, 4, 16, 128)
+    everything = model_state_bytes(*args, stage=stage)
+    for offload in ("cpu", "disk"):
+        places = {w: model_state_bytes(*args, stage=stage, offload=offload, where=w) for w in ("device", "host", "disk")}
+        # at stage 3 on disk the 16-bit parameter shard is gone: the fp32 master in the file is its copy
+        dropped = 2 * (args[0] + args[1]) / args[4] if (stage, offload) == (3, "disk") else 0
+        assert sum(places.values()) == pytest.approx(everything - dropped, rel=1e-12), offload
+        assert places["host" if offload == "cpu" else "disk"] > 0 and places["device"] < everything
+    if stage == 1:
+        assert everything == pytest.approx(eq5_lower_bound(6.7e9, 16, 4, 128), rel=1e-12)
+
+
+def test_offloaded_bytes_must_fit_the_nodes_host_memory_and_disk():
+    from tedmoe.planner.hardware import fits
+    from tedmoe.planner.search import largest_layers
+
+    hw = PRESETS["dgx-a100"]
+    mem = {"total": 1.0, "host": 300 * 2**30, "disk": 0.0}
+    assert not fits(mem, hw) and fits({**mem, "host": 200 * 2**30}, hw)  # a GPU's share: 2 TiB / 8
+    assert fits(mem, dataclasses.replace(hw, host_memory_bytes=None))  # not stated: not checked
+    model = paper_model("6.7b", 16)
+    kw = {"global_batch": 64, "max_tp": 8}
+    depth = {(s, o): largest_layers(model, 64, hw, train=_zero(s, o), **kw) for s, o in ((1, "none"), (3, "none"), (3, "cpu"))}
+    # (ZeRO-2 may fit fewer than ZeRO-1: with edp 1 its fp32 gradient "shard" of the experts is all of them)
+    assert 0 < depth[(1, "none")] < depth[(3, "none")] < depth[(3, "cpu")]
+    tight = dataclasses.replace(hw, host_memory_bytes=8 * 2**30)
+    assert largest_layers(model, 64, tight, train=_zero(3, "cpu"), **kw) < depth[(3, "cpu")]
+
+
+def test_plan_cli_zero3_with_offload_splits_the_memory():
+    import json
+
+    out = _plan("--model", "6.7b", "--gpus", "64", "--hardware", "dgx-a100", "--zero-stage", "3", "--offload", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "ZeRO-3, offload cpu" in out.stdout and "dev GiB host GiB" in out.stdout and " yes " in out.stdout
+    assert "disk GiB" not in out.stdout and "within 80.0 GiB per device and 256.0 GiB of host memory" in out.stdout
+    out = _plan("--model", "6.7b", "--gpus", "64", "--hardware", "dgx-a100", "--zero-stage", "3", "--offload", "disk",
+                "--json")
+    assert out.returncode == 0, out.stderr
+    cands = json.loads(out.stdout)
+    assert all(c["memory"]["disk"] > 0 and c["memory"]["host"] == 0 for c in cands)
