@@ -67,11 +67,15 @@ def check_memory(cfg: RunConfig, world: int) -> None:
 
     dims = ParallelDims(world, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sp)
     plan = Plan(cfg.model, world, dims.tp, dims.ep, cfg.micro_batch_size, cfg.seq_len // dims.sp, train=cfg.train)
-    model_bytes = memory(plan)["total"]
+    predicted = memory(plan)
+    model_bytes = predicted["total"]
+    on_gpu = torch.cuda.is_available() and cfg.parallel.backend in (None, "nccl")
+    if not on_gpu:  # offload="cpu" moves the states to host memory, which is the same memory here
+        model_bytes += predicted.get("host", 0)
     batch_bytes = 3 * 8 * cfg.global_batch_size * (cfg.seq_len + 1)  # every rank draws the global batch (int64)
     logits = 3 * 4 * cfg.micro_batch_size * cfg.seq_len * cfg.model.vocab_size / dims.tp / dims.sp
     per_rank = model_bytes + batch_bytes + logits
-    if torch.cuda.is_available() and cfg.parallel.backend in (None, "nccl"):
+    if on_gpu:
         budget, ranks, where = torch.cuda.get_device_properties(0).total_memory, 1, "each GPU has"
     else:
         try:

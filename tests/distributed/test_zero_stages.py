@@ -153,3 +153,33 @@ def test_offloaded_states_match_single_process(world4, tmp_path):
         assert_matches_reference(f"ZeRO-{stage} offload={offload} tp={tp} ep={ep} sp={sp}", result,
                                  references[sp > 1])
     assert not list(tmp_path.iterdir())  # every rank removed its files
+
+
+def fp16_stages():
+    """fp16 with dynamic loss scaling at stages 1, 2 and 3 in EP 2 x DP 4 (an overflow forced at
+    step 2): the same losses, norms, skips and scales."""
+    topo = Topology(4, tp=1, ep=2)
+    out = {}
+    for stage in (1, 2, 3):
+        engine = te.build(topo, stage2(stage, precision="fp16", initial_loss_scale=1024.0, loss_scale_window=2))
+        rows = []
+        for step in range(5):
+            if step == 2:
+                engine.optimizer.loss_scale = 1e30  # the scaled backward overflows fp16
+            r = engine.train_step(te.rank_batches(step, topo))
+            if step == 2:
+                engine.optimizer.loss_scale = 1024.0
+            rows.append((r["loss"], r["grad_norm"], r["skipped"], r["loss_scale"]))
+        out[stage] = rows
+    return out
+
+
+def test_fp16_loss_scaling_is_the_same_at_every_stage(world4):
+    rows = world4.run(fp16_stages)[0]
+    assert [r[2] for r in rows[1]] == [False, False, True, False, False]
+    for stage in (2, 3):
+        assert [r[2:] for r in rows[stage]] == [r[2:] for r in rows[1]]
+        for a, b in zip(rows[1], rows[stage]):
+            assert b[0] == pytest.approx(a[0], rel=1e-3)
+            if not a[2]:
+                assert b[1] == pytest.approx(a[1], rel=1e-2)
