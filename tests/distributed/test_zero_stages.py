@@ -79,7 +79,8 @@ def save_then_continue(path, first, then):
 
 
 @pytest.mark.parametrize("first,then", [((2, 2, 2), (1, 4, 1)), ((1, 4, 1), (2, 2, 2)), ((2, 2, 3), (1, 4, 2)),
-                                         ((1, 4, 1), (2, 2, 3)), ((1, 4, 3), (4, 1, 3))])
+                                         ((1, 4, 1), (2, 2, 3)), ((1, 4, 3), (4, 1, 3)), ((4, 1, 2), (2, 2, 3)),
+                                         ((2, 2, 3), (4, 1, 1))])
 def test_checkpoints_move_between_stages_and_layouts(world4, tmp_path, first, then):
     engine = te.build(Topology.single(), te.train_config())
     want = [engine.train_step(te.micro_batches(s))["loss"] for s in range(6)]
