@@ -48,11 +48,11 @@ def weight_map(path: str | Path) -> dict[str, str]:
     raise ValueError(f"{path} has neither model.safetensors nor {INDEX}")
 
 
-def load_into(model, path: str | Path) -> None:
+def load_into(model, path: str | Path, only: set[int] | None = None) -> None:
     """Load a Mixtral or Qwen3-MoE directory into ``model`` (a ``GPTMoE`` built for any TP x EP x DP x SP
     layout): each rank reads only its slices, straight from the files (its TP share of every
     weight and its local experts); names and shapes are checked first, so a mismatch changes
-    nothing."""
+    nothing. ``only``: the ids of the parameters to load (ZeRO-3 materialises block by block)."""
     from tedmoe.parallel.sharding import is_expert, tp_dim
 
     wanted, family = families.to_hf_shapes(model.config), families.family_of(model.config)
@@ -71,6 +71,8 @@ def load_into(model, path: str | Path) -> None:
 
         with torch.no_grad():
             for name, p in model.named_parameters():
+                if only is not None and id(p) not in only:
+                    continue
                 if is_expert(p):  # blocks.N.mlp.experts.wK: this rank's experts, each sliced over tp
                     layer, w = name.split(".")[1], name.rsplit(".", 1)[1]
                     first = ep.rank * p.shape[0]

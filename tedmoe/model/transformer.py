@@ -118,9 +118,10 @@ class GPTMoE(nn.Module):
         finally:
             object.__setattr__(self, "teacher", teacher)
 
-    def init_weights(self, seed: int) -> None:
+    def init_weights(self, seed: int, only: set[int] | None = None) -> None:
         """The same weights in every layout: N(0, 0.02), output projections scaled by
-        ``1/sqrt(2 L)``, norms 1, biases 0."""
+        ``1/sqrt(2 L)``, norms 1, biases 0. ``only``: ids of the parameters to initialise (ZeRO-3
+        materialises a model built on the meta device one block at a time)."""
         scale = 0.02 / math.sqrt(2 * self.config.num_layers)
 
         def init_full(name, shape, g):
@@ -131,7 +132,7 @@ class GPTMoE(nn.Module):
             std = scale if name.endswith(("o.weight", "fc2.weight", "experts.w2", "residual.w2.weight")) else 0.02
             return torch.randn(shape, generator=g) * std
 
-        init_layout_invariant(self, self.topology, seed, init_full)
+        init_layout_invariant(self, self.topology, seed, init_full, only)
 
     def kept_tokens(self, layer: int, batch: int, length: int, device=None) -> torch.Tensor | None:
         """Random-LTD: the local indices ``[B, r_local]`` (ascending) of the tokens block ``layer``

@@ -106,11 +106,15 @@ def full_state_dict(module: nn.Module, topology: Topology, grads: bool = False) 
 
 
 def init_layout_invariant(module: nn.Module, topology: Topology, seed: int,
-                          init_full: Callable[[str, tuple[int, ...], torch.Generator], torch.Tensor]) -> None:
+                          init_full: Callable[[str, tuple[int, ...], torch.Generator], torch.Tensor],
+                          only: set[int] | None = None) -> None:
     """Initialise every parameter as the slice of a full tensor drawn from ``(seed, name)``,
-    so every layout starts from the same single-process weights."""
+    so every layout starts from the same single-process weights. ``only``: the ids of the
+    parameters to initialise (the others keep their values; each draw is the same either way)."""
     with torch.no_grad():
         for i, (name, p) in enumerate(module.named_parameters()):
+            if only is not None and id(p) not in only:
+                continue
             full_shape = list(p.shape)
             if tp_dim(p) is not None:
                 full_shape[tp_dim(p)] *= topology.size("tp")

@@ -23,11 +23,13 @@ class Engine:
     single-process step on the whole global batch.
     """
 
-    def __init__(self, model: nn.Module, topology: Topology, config: TrainConfig):
+    def __init__(self, model: nn.Module, topology: Topology, config: TrainConfig, materialize=None):
+        """``materialize``: for a model built on the meta device (ZeRO-3 only), a function that
+        gives real values to a list of parameters (allocated in the model dtype) in place."""
         config.validate()
         self.model, self.topology, self.config = model, topology, config
         model.to(DTYPES[config.precision])
-        self.optimizer = ZeroAdamW(model, topology, config)
+        self.optimizer = ZeroAdamW(model, topology, config, materialize)
         self.poison_next_step = False  # fault injection: the next step's loss becomes NaN
         self._agreed_shapes = None
 

@@ -294,12 +294,21 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
                     timeout_s=cfg.parallel.timeout_s if world > 1 else None)
     path = data_dir(cfg)
     train_ds, val_ds = TokenDataset(path, "train", verify=False), TokenDataset(path, "val", verify=False)
-    model = GPTMoE(cfg.model, topo)
-    model.init_weights(cfg.seed)
-    if cfg.init_from is not None and found is None:
-        from tedmoe.interop import hf
+    # ZeRO-3 never holds the whole model: it is built on the meta device and each unit gets its
+    # values (initialised, or read from --init-from) just before it is sharded
+    stage3 = cfg.train.zero_stage == 3
+    model = GPTMoE(cfg.model, topo, device="meta" if stage3 else None)
 
-        hf.load_into(model, cfg.init_from)  # each rank reads its own slices
+    def materialize(params=None) -> None:
+        only = None if params is None else {id(p) for p in params}
+        model.init_weights(cfg.seed, only)
+        if cfg.init_from is not None and found is None:
+            from tedmoe.interop import hf
+
+            hf.load_into(model, cfg.init_from, only)  # each rank reads its own slices
+
+    if not stage3:
+        materialize()
     transforms = []
     if cfg.compress.method != "none":  # quantisation-aware training / N:M sparsity
         from tedmoe.compress import qat
@@ -312,7 +321,7 @@ def _train(cfg: RunConfig, resume: bool, world: int, rank: int, out: Path) -> di
         teacher, _ = load_model(cfg.compress.teacher, topo)
         model.set_teacher(teacher, cfg.compress.distill_weight, cfg.compress.temperature)
     apply_checkpointing(model, cfg.train.checkpointing)
-    engine = Engine(model, topo, cfg.train)
+    engine = Engine(model, topo, cfg.train, materialize if stage3 else None)
     sampler = train_sampler(cfg, train_ds)
     val_sampler = BatchSampler(val_ds, cfg.seq_len, cfg.global_batch_size, cfg.seed + 1)
     start = 0

@@ -1,4 +1,4 @@
-"""ZeRO-1 AdamW with the tiled step, exact global-norm clipping and fp16 loss scaling.
+"""ZeRO AdamW (stages 1-3, offload) with the tiled step, exact global-norm clipping and fp16 loss scaling.
 
 Parameters form two groups: non-expert (gradients reduced and states sharded over ``dsp``,
 the data x sequence-parallel ranks, which is ``dp`` without sequence parallelism) and expert
@@ -18,6 +18,12 @@ weights and Adam moments. A step:
 
 The tiled and untiled steps do the same elementwise operations, so they agree bit for bit;
 the norm is summed in fixed chunks (``NORM_CHUNK``) independent of the tile size.
+
+Stage 2 (``BucketedShard``) reduce-scatters the gradients bucket by bucket during the backward
+and keeps only this rank's fp32 gradient shard; stage 3 (``ParameterShard`` units driven by
+``Stage3``) shards the parameters per block and axis as well, gathered before use and freed
+after. Steps 2 and 3 are the same at every stage. The states live where ``train.offload`` says
+(``runtime/offload.py``): the step reads its tiles from there.
 
 Other places the ZeRO-1 step touches: ``parallel/sharding.py`` (``replica_axis`` picks each
 parameter's group, ``counted_once`` its norm flags), ``runtime/checkpoint.py`` (saves the
@@ -423,14 +429,29 @@ class Stage3:
     pre-hook, block ``i + 1``'s gather starts in the background, and ``i``'s are freed after it
     ran. Backward: when the first gradient of block ``i``'s outputs is computed, its units are
     gathered again and block ``i - 1``'s gather starts; a unit is freed once all its parameters'
-    gradients have been reduce-scattered. Every rank runs the same graph, so the collectives are
-    issued in the same order on all of them."""
+    gradients have been reduced. Every rank runs the same graph, so the collectives are
+    issued in the same order on all of them. A model built on the meta device gets its values
+    unit by unit (``materialize``), each sharded and freed before the next is made."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], topology: Topology, offload: Offload):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], topology: Topology, offload: Offload,
+                 materialize=None):
         tp = topology.axis("tp")
         wanted = {id(p) for p in params}
+        device = next((p.device for p in model.parameters() if not p.is_meta),
+                      next((b.device for b in model.buffers()), torch.device("cpu")))
 
         def units(ps):
+            ps = list(ps)
+            empty = [p for p in ps if p.is_meta]  # a model built on the meta device: one unit at a time
+            if empty:
+                if materialize is None:
+                    raise ValueError("the model has parameters on the meta device; pass materialize= to give them "
+                                     "values")
+                for p in empty:  # a meta tensor cannot take real data: swap in a real parameter, attributes kept
+                    real = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad)
+                    real.__dict__.update(p.__dict__)
+                    torch.utils.swap_tensors(p, real)
+                materialize(empty)
             ps = [p for p in ps if id(p) in wanted]
             return [ParameterShard([p for p in ps if replica_axis(p) == axis], topology.axis(axis), tp, offload)
                     for axis in ("dsp", "edp")]
@@ -503,10 +524,12 @@ class Stage3:
 
 
 class ZeroAdamW:
-    """AdamW over a tensor/expert/data-parallel model, ZeRO-1 sharded (see the module docstring)."""
+    """AdamW over a tensor/expert/data-parallel model, ZeRO-sharded (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, topology: Topology, config: TrainConfig):
+    def __init__(self, model: nn.Module, topology: Topology, config: TrainConfig, materialize=None):
         config.validate()
+        if materialize is not None and config.zero_stage != 3:
+            raise ValueError("only ZeRO-3 builds a model from the meta device (train.zero_stage=3)")
         self.config, self.topology = config, topology
         params = [p for p in model.parameters() if p.requires_grad]
         tp = topology.axis("tp")
@@ -515,7 +538,7 @@ class ZeroAdamW:
         # one group per replica axis: non-expert parameters over dsp, then experts over edp
         self.stage3 = None
         if config.zero_stage == 3:
-            self.stage3 = Stage3(model, params, topology, self.offload)
+            self.stage3 = Stage3(model, params, topology, self.offload, materialize)
             self.groups = self.stage3.units
         elif config.zero_stage == 2:
             self.groups = [BucketedShard([p for p in params if replica_axis(p) == axis], topology.axis(axis), tp,

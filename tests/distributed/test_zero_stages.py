@@ -103,7 +103,24 @@ def stage3_residency():
         engine.train_step(te.rank_batches(0, topo))
     whole = lambda units: sum(u.padded * u.param_buffer.element_size() for u in units if u.shards)  # noqa: E731
     sharded = [u for u in stage3.units if u.shards]
-    return {"between_steps": live(sharded), "seen": seen, "ledger": ledger.as_dict(),
+    # built on the meta device: each unit gets its values while every earlier one is already freed
+    from tedmoe.model.transformer import GPTMoE
+    from tedmoe.runtime.engine import Engine
+
+    model = GPTMoE(te.model_config(), topo, device="meta")
+    others_whole = []
+
+    def materialize(params):
+        only = {id(p) for p in params}
+        others_whole.append(sum(p.untyped_storage().nbytes() for p in model.parameters()
+                                if not p.is_meta and id(p) not in only))
+        model.init_weights(seed=0, only=only)
+
+    lazy = Engine(model, topo, stage2(3), materialize)
+    eager = te.build(topo, stage2(3))
+    same = [lazy.train_step(te.rank_batches(s, topo))["loss"] == eager.train_step(te.rank_batches(s, topo))["loss"]
+            for s in range(2)]
+    return {"between_steps": live(sharded), "seen": seen, "ledger": ledger.as_dict(), "lazy": (others_whole, same),
             "root": whole(stage3.root), "blocks": [whole(b) for b in stage3.blocks],
             "one_nth": all(u.param_shard.numel() * u.axis.size == u.padded for u in sharded),
             "units": {axis: [sum(u.shards and u.axis.name == axis for u in units)
@@ -114,6 +131,9 @@ def stage3_residency():
 def test_stage3_gathers_per_block_and_keeps_only_shards(world4):
     r = world4.run(stage3_residency)[0]
     assert r["between_steps"] == 0  # no whole parameter between steps
+    others_whole, same = r["lazy"]
+    assert len(others_whole) == 3 and not any(others_whole)  # root, block 0, block 1: one unit whole at a time
+    assert same == [True, True]  # and the same model as one built whole
     assert r["one_nth"]  # each rank keeps 1/n of every unit (n: the unit's axis)
     blocks, root, mb = r["blocks"], r["root"], r["micro_batches"]
     assert len(blocks) == 2 and all(blocks) and root

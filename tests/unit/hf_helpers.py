@@ -101,10 +101,10 @@ def assert_greedy_generation_equal(model, path):
     assert len(set(theirs[4:])) > 3  # not one token repeated
 
 
-def assert_train_init_from_keeps_the_logits(tmp_path, capsys, model_class, config):
-    """``tedmoe train --init-from DIR`` from ``model_class(config)`` (default init, seed 0) written to
-    ``DIR``: after one step at a negligible learning rate, ``tedmoe export`` gives a model with its
-    logits. Returns that model (as transformers loads it) and what the export printed."""
+def assert_train_init_from_keeps_the_logits(tmp_path, capsys, model_class, config, *sets):
+    """``tedmoe train --init-from DIR [--set ...]`` from ``model_class(config)`` (default init, seed
+    0) written to ``DIR``: after one step at a negligible learning rate, ``tedmoe export`` gives a
+    model with its logits. Returns that model (as transformers loads it) and what the export printed."""
     import transformers
 
     from tedmoe.cli import main
@@ -115,7 +115,7 @@ def assert_train_init_from_keeps_the_logits(tmp_path, capsys, model_class, confi
     out = tmp_path / "run"
     assert main(["train", "--preset", "tiny", "--init-from", str(tmp_path / "base"), "--out", str(out),
                  "--set", "train.max_steps=1", "--set", "train.warmup_steps=0", "--set", "train.lr=1e-12",
-                 "--set", "model.moe.dropless=true"]) == 0
+                 "--set", "model.moe.dropless=true", *[a for s in sets for a in ("--set", s)]]) == 0
     capsys.readouterr()
     assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
     printed = capsys.readouterr().out

@@ -92,12 +92,13 @@ def test_the_family_follows_qk_norm_and_mixtral_still_refuses_unnormalised_gates
 
 def test_train_init_from_a_qwen3_moe_directory(tmp_path, capsys):
     """``tedmoe train --init-from`` takes the Qwen3-MoE architecture (head size, q/k norms, gates)
-    from the directory; after one step at a negligible learning rate the export equals it."""
+    from the directory; after one step at a negligible learning rate the export equals it. Under
+    ZeRO-3, which builds the model on the meta device and reads the directory one block at a time."""
     config = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                          head_dim=16, num_experts=4, num_experts_per_tok=2,
                                          max_position_embeddings=64)
     tuned, printed = assert_train_init_from_keeps_the_logits(tmp_path, capsys, transformers.Qwen3MoeForCausalLM,
-                                                             config)
+                                                             config, "train.zero_stage=3")
     assert "Qwen3-MoE layout" in printed
     assert type(tuned).__name__ == "Qwen3MoeForCausalLM" and tuned.config.head_dim == 16
