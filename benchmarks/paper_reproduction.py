@@ -107,7 +107,8 @@ def part3() -> tuple[list[str], list[dict]]:
     lines = ["## 3. Largest base model by ZeRO stage and offload", "",
              "The family and settings of section 1 (fp16, plain checkpointing, micro-batch 1 x 2048 tokens, "
              "16M-element optimizer tiles) at each ZeRO stage, and ZeRO-3 with the optimizer states in host memory "
-             "(cpu) or in files on the node's NVMe (disk; the fp32 master there is the parameter shards' only copy). "
+             "(cpu) or in files on the node's NVMe (disk); in both the offloaded fp32 master is the parameter shards' "
+             "only copy. "
              "A model fits when the device "
              "memory is within the GPU's and what is offloaded within the GPU's share of its node's host memory or "
              "disk (`Hardware.host_memory_bytes`, `disk_bytes`). Memory columns: the TED layout's per GPU.", "",

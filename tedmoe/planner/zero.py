@@ -93,8 +93,9 @@ def model_states(model: ModelConfig, dims: ParallelDims, train: TrainConfig, cou
     the device only the step's tile buffers (3 fp32 states x 3 tiles: the current one, the
     prefetched next one, the one being written back). Without offload fp32 training keeps no
     separate master (the parameters, or their shards, are it); offloaded, the fp32 master is one
-    of the states. At stage 3 ``"disk"`` keeps no parameter shard on the device: the gather reads
-    the master from the file (a unit on an axis of size 1 is never sharded and stays whole)."""
+    of the states. At stage 3 offload keeps no parameter shard on the device: the gather reads
+    the master from host memory or the file (a unit on an axis of size 1 is never sharded and
+    stays whole)."""
     item = DTYPE_BYTES[train.precision]
     aliased = train.precision == "fp32" and train.offload == "none"
     state_bytes = 8 if aliased else 12  # Adam m, v and the fp32 master unless the parameters are it
@@ -127,8 +128,8 @@ def model_states(model: ModelConfig, dims: ParallelDims, train: TrainConfig, cou
         out["host"], out["optimizer"] = out["optimizer"], 0.0
     elif train.offload == "disk":
         out["disk"], out["optimizer"] = out["optimizer"], 3 * 4 * tile * 3
-        if train.zero_stage == 3:
-            out["parameters"] -= sharded * item
+    if train.offload != "none" and train.zero_stage == 3:
+        out["parameters"] -= sharded * item
     return out
 
 
@@ -136,12 +137,12 @@ def state_coefficients(stage: int, offload: str = "none") -> dict[str, tuple[flo
     """Bytes per parameter of the model states for 16-bit training, as ``{place: (a, c)}``: ``a``
     per element held whole on each rank of a tp (x ep) group, ``c`` per element sharded over all
     ranks; ``M = a (N_ne / t + N_e / (t ep)) + c (N_ne + N_e) / G`` in each place. Offload moves
-    the 12 bytes of fp32 master and Adam moments; at stage 3 with ``disk`` the 2-byte parameter
-    shard is dropped as well (the master in the file is its only copy)."""
+    the 12 bytes of fp32 master and Adam moments; at stage 3 the 2-byte parameter shard is dropped
+    as well (the offloaded master is its only copy)."""
     device = {1: (4.0, 12.0), 2: (2.0, 16.0), 3: (0.0, 18.0)}[stage]  # 3: 2-byte shard, fp32 gradient, 12
     out = {"device": device, "host": (0.0, 0.0), "disk": (0.0, 0.0)}
     if offload != "none":
-        dropped = 2.0 if offload == "disk" and stage == 3 else 0.0
+        dropped = 2.0 if stage == 3 else 0.0
         out["device"] = (device[0], device[1] - 12.0 - dropped)
         out["host" if offload == "cpu" else "disk"] = (0.0, 12.0)
     return out

@@ -367,8 +367,9 @@ class ParameterShard(BucketedShard):
     def _own_state(self) -> None:
         self.shards = self.axis.size > 1 and bool(self.params)  # an axis of size 1: always whole, never gathered
         own = self.own(self.param_buffer)  # one bucket: this rank's contiguous slice (a view)
-        on_disk = self.offload.kind == "disk" and self.shards  # the gather reads the master from the file
-        self.param_shard = None if on_disk else own.clone() if self.shards else own
+        # offloaded (host memory or disk), the fp32 master is the shard's only copy: the gather reads it
+        offloaded = self.offload.kind != "none" and self.shards
+        self.param_shard = None if offloaded else own.clone() if self.shards else own
         super()._own_state()
 
     def _master_alias(self) -> torch.Tensor | None:
@@ -384,7 +385,9 @@ class ParameterShard(BucketedShard):
         if not self.shards or self.whole:
             return
         self.param_buffer.untyped_storage().resize_(self.padded * self.param_buffer.element_size())
-        source = self.param_shard if self.param_shard is not None else self.states.get("master").to(self.dtype)
+        source = self.param_shard
+        if source is None:  # offloaded: from the master in host memory or the file
+            source = self.states.get("master").to(self.param_buffer.device, self.dtype)
         self._source = source  # alive until the gather completes
         self.pending = comm.all_gather_into_async(self.param_buffer, source, self.axis, phase)
         self.whole = True
