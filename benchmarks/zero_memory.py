@@ -160,7 +160,8 @@ class Probe:
         now["tiles"] = size(self.tiles)  # disk offload: the tile being updated (in memory) is not a view
         now["optimizer"] += now["tiles"]
         now["sum"] = sum(now[c] for c in CATEGORIES)
-        now["flags"] = size([t for g in self.groups for t in (g.decay, g.counted)])
+        # the weight-decay and norm flags, kept as true ranges of the shard: two 8-byte ints per range
+        now["flags"] = sum(16 * len(f.runs) for g in self.groups for f in (g.decay, g.counted))
         if files and self.directory is not None:
             now["files"] = sum(f.stat().st_size for f in self.directory.path.iterdir())
         for key, value in now.items():
@@ -525,10 +526,10 @@ def reading(rows: list[dict]) -> list[str]:
                     f"the in-memory step (cpu: {span([r['step_ms'] / base(r)['step_ms'] for r in cpu])}x), the "
                     "configurations taking turns step by step on this shared 2-core machine; files of a few MiB stay "
                     "in the page cache, so this measures the copies and system calls, not a disk.")
-    out.append(f"**Not in any model.** Each group keeps two bool flags per element of its shard (weight decay, "
-               f"counted in the norm): {span([r['peak']['flags'] / MB for r in rows])} MiB per rank here, 2 bytes "
-               "per shard element, a sixth of the in-memory optimizer states, counted by neither the formulas nor "
-               "the planner. Blind spots of this probe: at stages 2 and 3 a parameter's incoming gradient is moved "
+    out.append(f"**Flags.** Each group's weight-decay and norm flags are kept as the true ranges of its shard "
+               f"(two integers per range): {span([r['peak']['flags'] / 1024 for r in rows], '.1f')} KiB per rank "
+               "here (a byte per element each before; counted by neither the formulas nor the planner). Blind "
+               "spots of this probe: at stages 2 and 3 a parameter's incoming gradient is moved "
                "into its bucket by ZeRO's hook before the probe's hook runs, so the whole gradient of the parameter "
                "being accumulated (up to the largest parameter, in bf16) is not seen; activations are not counted.")
     return ["\n\n".join(out)]

@@ -43,6 +43,20 @@ def units(model: ModelConfig, tp: int = 1, ep: int = 1) -> list[dict[str, int]]:
     return out
 
 
+def largest_parameter(model: ModelConfig, tp: int = 1, ep: int = 1) -> int:
+    """Elements of the largest parameter tensor on one rank: the embedding or head (vocab split
+    over tp), an attention or dense-MLP matrix, or one MoE layer's local experts' ``w1`` (all its
+    experts are one tensor, split over ep and tp)."""
+    H, V, F, D = model.hidden_size, model.vocab_size, model.ffn_hidden_size, model.head_size
+    sizes = [V * H // tp, H * model.num_heads * D // tp]
+    if any(not model.is_moe_layer(i) for i in range(model.num_layers)):
+        sizes.append(H * F // tp)
+    for i in range(model.num_layers):
+        if model.is_moe_layer(i):
+            sizes.append(model.moe_for(i).num_experts // ep * H * model.moe.ffn_hidden_size // tp)
+    return max(sizes)
+
+
 def shard(numel: int, n: int) -> int:
     """Elements one rank keeps of ``numel`` split over ``n`` ranks (padded to ``n`` equal pieces)."""
     return math.ceil(numel / n)
@@ -117,9 +131,12 @@ def model_states(model: ModelConfig, dims: ParallelDims, train: TrainConfig, cou
         ex = shard(counts["expert"], dims.edp) if counts["expert"] else 0
         kept, owned, sharded = [ne, ex], ne + ex, 0
         params = (ne * dims.dp + ex * dims.edp) * item
-        grads = params
-        if train.zero_stage == 2:
-            grads = 4 * owned + 2 * min(train.reduce_bucket_size, ne * dims.dp + ex * dims.edp) * item
+        grads = params + owned * item  # the whole buffer, and during the step its reduce-scattered shard
+        if train.zero_stage == 2:  # the fp32 shard and the staged buckets: those one gradient spans, and one more
+            total = ne * dims.dp + ex * dims.edp
+            bucket = min(train.reduce_bucket_size, total)
+            spans = math.ceil(largest_parameter(model, dims.tp, dims.ep) / bucket) + 1
+            grads = 4 * owned + min(spans * bucket, total) * item
     biggest = max(kept, default=0)
     tile = min(train.tile_size or biggest, biggest)
     out = {"parameters": params, "gradients": grads, "optimizer": state_bytes * owned, "optimizer_spike": 12 * tile,
@@ -129,7 +146,9 @@ def model_states(model: ModelConfig, dims: ParallelDims, train: TrainConfig, cou
     elif train.offload == "disk":
         out["disk"], out["optimizer"] = out["optimizer"], 3 * 4 * tile * 3
     if train.offload != "none" and train.zero_stage == 3:
-        out["parameters"] -= sharded * item
+        # no shard on the device; the prefetched block's shard is copied from the master for its gather
+        prefetched = max((sum(shard(c, n) for c, n in u.values() if n > 1) for u in sizes[1:]), default=0)
+        out["parameters"] += (prefetched - sharded) * item
     return out
 
 

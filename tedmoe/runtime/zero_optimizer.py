@@ -33,6 +33,7 @@ states per parameter, so a checkpoint loads into any layout), ``runtime/engine.p
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -60,6 +61,24 @@ class Offload:
     made: list = dataclasses.field(default_factory=list)
 
 
+class Runs:
+    """A boolean vector stored as its true ranges; ``runs[a:b]`` is that slice as a bool tensor."""
+
+    def __init__(self, runs: list[tuple[int, int]], length: int, device=None):
+        self.runs, self.length, self.device = runs, length, device
+        self.starts = [a for a, _ in runs]
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        a, b = s.start or 0, min(self.length, self.length if s.stop is None else s.stop)
+        out = torch.zeros(b - a, dtype=torch.bool, device=self.device)
+        for lo, hi in self.runs[max(bisect.bisect_right(self.starts, a) - 1, 0):]:
+            if lo >= b:
+                break
+            if hi > a:
+                out[max(lo, a) - a:min(hi, b) - a] = True
+        return out
+
+
 class FlatShard:
     """One parameter group's ZeRO-1 state on this rank."""
 
@@ -77,13 +96,34 @@ class FlatShard:
             p.data = self.param_buffer[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
         # per-element flags of this shard: weight decay (matrices), and "counts in the norm"
-        decay = self._flat([torch.full((p.numel(),), float(p.dim() >= 2), device=device) for p in params])
-        counted = self._flat([torch.full((p.numel(),), float(counted_once(p, tp.rank)), device=device)
-                              for p in params])
-        self.decay = self.own(decay).bool()
-        self.counted = self.own(counted).bool()
+        self.decay = self._runs([p.dim() >= 2 for p in params], device)
+        self.counted = self._runs([counted_once(p, tp.rank) for p in params], device)
         self._own_state()
         self.attach_grads()
+
+    def _pieces(self) -> list[tuple[int, int, int]]:
+        """This rank's shard as ``(shard start, flat start, length)`` pieces of the flat buffer."""
+        return [(0, self.lo, self.shard)]
+
+    def _runs(self, flags: list[bool], device) -> Runs:
+        """A per-parameter flag for every element of this rank's shard (padding: False), kept as
+        the shard ranges where it is true rather than one byte per element."""
+        starts = [0]
+        for p in self.params:
+            starts.append(starts[-1] + p.numel())
+        runs = []
+        for s0, f0, length in self._pieces():
+            i = max(bisect.bisect_right(starts, f0) - 1, 0)
+            while i < len(self.params) and starts[i] < f0 + length:
+                lo, hi = max(starts[i], f0), min(starts[i + 1], f0 + length)
+                if flags[i] and hi > lo:
+                    a, b = s0 + lo - f0, s0 + hi - f0
+                    if runs and runs[-1][1] == a:
+                        runs[-1] = (runs[-1][0], b)
+                    else:
+                        runs.append((a, b))
+                i += 1
+        return Runs(runs, self.shard, device)
 
     def _layout(self, numel: int) -> None:
         self.shard = math.ceil(numel / self.axis.size) if self.params else 0
@@ -243,6 +283,10 @@ class BucketedShard(FlatShard):
         self.buckets = math.ceil(numel / self.bucket) if params else 0
         self.piece = self.bucket // n
         super().__init__(params, axis, tp, offload)
+
+    def _pieces(self) -> list[tuple[int, int, int]]:
+        return [(k * self.piece, k * self.bucket + self.axis.rank * self.piece, self.piece)
+                for k in range(self.buckets)]
 
     def _layout(self, numel: int) -> None:
         self.padded = self.buckets * self.bucket

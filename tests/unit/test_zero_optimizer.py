@@ -151,3 +151,23 @@ def test_lr_schedule_warmup_then_cosine():
     assert [opt.lr_at(s) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
     assert opt.lr_at(8) == pytest.approx(0.55)  # half-way through the decay: (1 + 0.1) / 2
     assert opt.lr_at(12) == pytest.approx(0.1) and opt.lr_at(50) == pytest.approx(0.1)
+
+
+def test_shard_flags_kept_as_runs_equal_the_per_element_flags():
+    """Weight decay and norm flags are kept as true ranges of the shard (not a byte per element):
+    every slice equals the flags built element by element, for every rank, axis size and bucketing."""
+    import itertools
+    from types import SimpleNamespace
+
+    from tedmoe.runtime.zero_optimizer import BucketedShard, FlatShard
+
+    shapes = [(7, 5), (13,), (3, 4, 2), (1,), (50,), (9, 9)]
+    for n, bucket in itertools.product([1, 2, 3, 4], [6, 25, 1000]):
+        for r in range(n):
+            params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+            axis, tp = SimpleNamespace(size=n, rank=r, name="dsp"), SimpleNamespace(size=1, rank=0)
+            for shard in (FlatShard(params, axis, tp), BucketedShard(params, axis, tp, bucket)):
+                flags = torch.cat([torch.full((p.numel(),), p.dim() >= 2) for p in params])
+                ref = shard.own(torch.nn.functional.pad(flags, (0, shard.padded - flags.numel())))
+                for a, length in itertools.product(range(0, shard.shard, 7), (1, 11, shard.shard)):
+                    assert torch.equal(shard.decay[a:a + length], ref[a:a + length]), (n, r, bucket, a)
