@@ -131,7 +131,8 @@ def model_states(model: ModelConfig, dims: ParallelDims, train: TrainConfig, cou
         ex = shard(counts["expert"], dims.edp) if counts["expert"] else 0
         kept, owned, sharded = [ne, ex], ne + ex, 0
         params = (ne * dims.dp + ex * dims.edp) * item
-        grads = params + owned * item  # the whole buffer, and during the step its reduce-scattered shard
+        # the whole buffer, and during the step the reduce-scattered shard of each group sharded over n > 1
+        grads = params + ((ne if dims.dp > 1 else 0) + (ex if dims.edp > 1 else 0)) * item
         if train.zero_stage == 2:  # the fp32 shard and the staged buckets: those one gradient spans, and one more
             total = ne * dims.dp + ex * dims.edp
             bucket = min(train.reduce_bucket_size, total)

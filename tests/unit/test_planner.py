@@ -27,6 +27,7 @@ def test_memory_model_states_match_the_formula_for_a_real_model():
     counts = param_counts(model, 4, 16)
     full = param_counts(model)
     d = plan.dims
+    assert d.dp > 1 and d.edp > 1
     reduced = 2 * (-(-counts["non_expert"] // d.dp) + -(-counts["expert"] // d.edp))  # the step's gradient shard
     states = mem["parameters"] + mem["gradients"] - reduced + mem["optimizer"]
     expect = model_state_bytes(full["total"] - full["expert_total"], full["expert_total"], 4, 16, 128)
