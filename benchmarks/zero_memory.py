@@ -443,8 +443,8 @@ def offload_reading(cpu: list[dict], disk: list[dict], base) -> str:
             + (", the same with both" if alike else "") + ": the bf16 shards are dropped (the offloaded fp32 master "
             "is their only copy and the gather converts it). It exceeded the planner's by "
             f"{span([e / 1024 for e in extra], '.0f')} KiB: the bf16 copy of a prefetched block's shards, made from "
-            "the master for its gather and alive until that gather is waited for, which the planner does not count "
-            f"(it equals the largest block's shards in {copies} of {len(rs)} configurations).")
+            "the master for its gather and alive until that gather is waited for, which the planner counts as the "
+            f"largest block's shards (the excess equals them in {copies} of {len(rs)} configurations).")
 
 
 def reading(rows: list[dict]) -> list[str]:
@@ -471,9 +471,10 @@ def reading(rows: list[dict]) -> list[str]:
     out.append(f"**What dominates.** The optimizer states were {share(low)}% of the peak sum at stages 1 and 2 "
                f"with dsp {lo} and {share(high)}% with dsp {hi}: 12 Psi/N shrinks with N, the whole bf16 "
                f"parameters (and at stage 1 gradients) do not. Stage 1 measured {span([f(r) for r in one])}x its "
-               "formula and the planner; the gradients are the whole difference: " + (
+               f"formula and {span([x(r) for r in one])}x the planner; the gradients are the whole difference to the "
+               "formula: " + (
                    "exactly the reduced bf16 gradient shard (2 Psi/N per sharded group) that the step holds "
-                   "beside the whole gradient buffer, in every layout. Neither the formula nor the planner counts it."
+                   "beside the whole gradient buffer, in every layout; the planner counts it, the formula does not."
                    if exact else f"{span([e / MB for e in excess])} MiB more than 2 Psi."))
     two = stage(2)
     staged = [(r["peak"]["gradients"] - 4 * sum(-(-r["psi"][g] // BUCKET) * (BUCKET // r["N"][g]) for g in GROUPS))
@@ -485,7 +486,7 @@ def reading(rows: list[dict]) -> list[str]:
                f"exceed the formula by the padding to whole buckets ({span([f(r, 'parameters') for r in two])}x, "
                f"{span([f(r, 'optimizer') for r in two])}x). At the gradient peak about "
                f"{span(staged, '.1f')} buckets of {BUCKET:,} elements were staged in bf16 beside the fp32 shard, "
-               f"where the planner counts 2: the largest parameter (one MoE layer's local expert weights, "
+               f"as the planner counts: the largest parameter (one MoE layer's local expert weights, "
                f"{span([r['largest_param'] for r in two], ',')} elements) spans {span(spans, 'd')} buckets and "
                "arrives as one gradient, so all of them are open at once"
                + (" (in every layout exactly its buckets plus one)" if all(k == n + 1 for k, n in zip(staged, spans))
