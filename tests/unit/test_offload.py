@@ -89,9 +89,9 @@ CAP_SCRIPT = textwrap.dedent("""
 
     cap, offload, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     torch.manual_seed(0)
-    moe = MoEConfig(ffn_hidden_size=1024, num_experts=8, top_k=2, capacity_factor=1.0, min_capacity=1)
+    moe = MoEConfig(ffn_hidden_size=1024, num_experts=16, top_k=2, capacity_factor=1.0, min_capacity=1)
     model = GPTMoE(ModelConfig(vocab_size=256, hidden_size=512, num_layers=4, num_heads=4, ffn_hidden_size=1024,
-                               max_seq_len=32, moe=moe), Topology.single())  # 23M parameters: 187 MB of moments
+                               max_seq_len=32, moe=moe), Topology.single())  # 40M parameters: 321 MB of moments
     model.init_weights(seed=0)
     numel = sum(p.numel() for p in model.parameters())
     if cap:
