@@ -2,7 +2,7 @@
 
 Stages 1 and 2 shard two groups per rank: the non-expert parameters over ``dp`` (``dsp``,
 named ``dp`` without sequence parallelism) and the experts over ``edp``. Stage 3 shards
-*units* (``runtime/zero_optimizer.py``'s ``Stage3``): the root (embedding, final norm, head)
+*units* (``runtime/zero_stages.py``'s ``Stage3``): the root (embedding, final norm, head)
 and, per block, its non-expert parameters and its experts, each split over its axis. A unit
 of ``c`` elements on an axis of ``n`` ranks keeps ``ceil(c / n)`` of them per rank; on an
 axis of size 1 it is always whole and never gathered.

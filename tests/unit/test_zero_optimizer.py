@@ -159,7 +159,8 @@ def test_shard_flags_kept_as_runs_equal_the_per_element_flags():
     import itertools
     from types import SimpleNamespace
 
-    from tedmoe.runtime.zero_optimizer import BucketedShard, FlatShard
+    from tedmoe.runtime.zero_optimizer import FlatShard
+    from tedmoe.runtime.zero_stages import BucketedShard
 
     shapes = [(7, 5), (13,), (3, 4, 2), (1,), (50,), (9, 9)]
     for n, bucket in itertools.product([1, 2, 3, 4], [6, 25, 1000]):
