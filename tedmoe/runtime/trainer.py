@@ -59,15 +59,23 @@ def ensure_data(cfg: RunConfig) -> Path:
     return path
 
 
-def check_memory(cfg: RunConfig, world: int) -> None:
-    """Refuse a run that cannot fit in this machine's memory, with the estimate (CPU ranks share
-    one machine's RAM; on CUDA each rank has its device)."""
+def predicted_memory(cfg: RunConfig, world: int) -> dict[str, float]:
+    """The planner's bytes per rank of this run (``tedmoe.planner.predict.memory``)."""
     from tedmoe.parallel.topology import ParallelDims
     from tedmoe.planner.predict import Plan, memory
 
     dims = ParallelDims(world, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sp)
-    plan = Plan(cfg.model, world, dims.tp, dims.ep, cfg.micro_batch_size, cfg.seq_len // dims.sp, train=cfg.train)
-    predicted = memory(plan)
+    return memory(Plan(cfg.model, world, dims.tp, dims.ep, cfg.micro_batch_size, cfg.seq_len // dims.sp,
+                       train=cfg.train))
+
+
+def check_memory(cfg: RunConfig, world: int) -> None:
+    """Refuse a run that cannot fit in this machine's memory, with the estimate (CPU ranks share
+    one machine's RAM; on CUDA each rank has its device)."""
+    from tedmoe.parallel.topology import ParallelDims
+
+    dims = ParallelDims(world, cfg.parallel.tp, cfg.parallel.ep, cfg.parallel.sp)
+    predicted = predicted_memory(cfg, world)
     model_bytes = predicted["total"]
     on_gpu = torch.cuda.is_available() and cfg.parallel.backend in (None, "nccl")
     if not on_gpu:  # offload="cpu" moves the states to host memory, which is the same memory here
@@ -93,8 +101,6 @@ def check_memory(cfg: RunConfig, world: int) -> None:
 
 def check_offload_path(cfg: RunConfig, world: int) -> None:
     """``train.offload_path`` is a writable directory with room for this machine's ranks' files."""
-    from tedmoe.planner.predict import param_counts
-
     path, where = Path(cfg.train.offload_path), f"train.offload_path={cfg.train.offload_path!r}"
     if not path.is_dir():
         raise ValueError(f"{where} is not a directory; create it (on a fast disk) or point offload_path at one")
@@ -103,11 +109,7 @@ def check_offload_path(cfg: RunConfig, world: int) -> None:
             pass
     except OSError as err:
         raise ValueError(f"{where} is not writable ({err.strerror}); choose a directory you can write to") from None
-    p = cfg.parallel
-    dsp = world // p.tp
-    counts = param_counts(cfg.model, p.tp, p.ep)
-    # per rank: fp32 master, exp_avg, exp_avg_sq of its shards (non-expert over dp x sp, experts over edp)
-    per_rank = 12 * (counts["non_expert"] / dsp + counts["expert"] / max(1, dsp // p.ep))
+    per_rank = predicted_memory(cfg, world)["disk"]  # fp32 master, exp_avg, exp_avg_sq of the rank's shards
     ranks = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     free = shutil.disk_usage(path).free
     if per_rank * ranks > free:

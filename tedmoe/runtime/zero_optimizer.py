@@ -22,8 +22,9 @@ the norm is summed in fixed chunks (``NORM_CHUNK``) independent of the tile size
 Stage 2 (``BucketedShard``, in ``runtime/zero_stages.py``) reduce-scatters the gradients bucket by
 bucket during the backward and keeps only this rank's fp32 gradient shard; stage 3
 (``ParameterShard`` units driven by ``Stage3``, same file) shards the parameters per block and
-axis as well, gathered before use and freed after. Steps 2 and 3 are the same at every stage. The states live where ``train.offload`` says
-(``runtime/offload.py``): the step reads its tiles from there.
+axis as well, gathered before use and freed after. Steps 2 and 3 are the same at every stage.
+The states live where ``train.offload`` says (``runtime/offload.py``): the step reads its tiles
+from there.
 
 Other places the ZeRO-1 step touches: ``parallel/sharding.py`` (``replica_axis`` picks each
 parameter's group, ``counted_once`` its norm flags), ``runtime/checkpoint.py`` (saves the
@@ -306,7 +307,8 @@ class ZeroAdamW:
         return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def micro_batch_done(self) -> None:
-        """After each micro-batch's backward: ZeRO-2 sends the gradient buckets still open."""
+        """After each micro-batch's backward: ZeRO-2/3 send the gradient buckets still open, and
+        ZeRO-3 frees whatever is still gathered."""
         for g in self.groups:
             g.micro_batch_done()
         if self.stage3 is not None:

@@ -183,15 +183,16 @@ class ParameterShard(BucketedShard):
             self.param_shard[a:a + p.numel()] = p
 
     def gather(self, wait: bool = True, phase: str | None = None) -> None:
-        if not self.shards or self.whole:
-            return
-        self.param_buffer.untyped_storage().resize_(self.padded * self.param_buffer.element_size())
-        source = self.param_shard
-        if source is None:  # offloaded: from the master in host memory or the file
-            source = self.states.get("master").to(self.param_buffer.device, self.dtype)
-        self._source = source  # alive until the gather completes
-        self.pending = comm.all_gather_into_async(self.param_buffer, source, self.axis, phase)
-        self.whole = True
+        """Make the unit whole (start its all-gather unless whole or already started); ``wait``:
+        also complete it, a prefetch started earlier included."""
+        if self.shards and not self.whole:
+            self.param_buffer.untyped_storage().resize_(self.padded * self.param_buffer.element_size())
+            source = self.param_shard
+            if source is None:  # offloaded: from the master in host memory or the file
+                source = self.states.get("master").to(self.param_buffer.device, self.dtype)
+            self._source = source  # alive until the gather completes
+            self.pending = comm.all_gather_into_async(self.param_buffer, source, self.axis, phase)
+            self.whole = True
         if wait:
             self.ready()
 
@@ -286,9 +287,7 @@ class Stage3:
     def _gather_block(self, i: int, wait: bool, phase: str | None = None) -> None:
         if 0 <= i < len(self.blocks):
             for u in self.blocks[i]:
-                u.gather(wait=False, phase=phase)
-                if wait:
-                    u.ready()
+                u.gather(wait, phase)
 
     def _before(self, i: int, module=None, args=None) -> None:
         self._gather_block(i, wait=True)
